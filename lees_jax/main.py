@@ -1,0 +1,59 @@
+"""Entry point: ``python -m lees_jax.main --config=configs/cifar10.py[:preset] --workdir=W``.
+
+``config.mode`` picks the job; each job is a function ``run(config, workdir)`` in its
+own module, imported only when chosen so that light jobs do not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/cifar10.py:tiny.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries and results '
+                    '(a local path or gs://...).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# mode -> (module, function). Every entry is implemented; see README for what each does.
+MODES = {
+    'describe': ('lees_jax.cost', 'describe'),
+}
+
+
+def _maybe_initialize_distributed():
+  """Multi-host runs (TPU pods, multi-node GPU) call jax.distributed.initialize()."""
+  import jax
+
+  multi_host = (os.environ.get('LEES_MULTIHOST') == '1' or
+                int(os.environ.get('SLURM_NTASKS', '1')) > 1 or
+                'TPU_WORKER_HOSTNAMES' in os.environ and ',' in os.environ['TPU_WORKER_HOSTNAMES'])
+  if multi_host:
+    jax.distributed.initialize()
+    logging.info('jax.distributed: process %d of %d, %d global devices', jax.process_index(),
+                 jax.process_count(), jax.device_count())
+
+
+def run_mode(config, workdir: str):
+  if config.mode not in MODES:
+    raise app.UsageError(f'unknown config.mode {config.mode!r}; available modes: '
+                         f'{", ".join(sorted(MODES))}')
+  module_name, fn_name = MODES[config.mode]
+  return getattr(importlib.import_module(module_name), fn_name)(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  _maybe_initialize_distributed()
+  run_mode(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
