@@ -1,0 +1,147 @@
+"""Backbone checkpoints: the one on-disk format every mode loads a frozen backbone from.
+
+A *backbone directory* holds
+  backbone.json  -- {"format": "lees_jax.backbone", "version": 1, "model": {...config.model...},
+                     "diffusion": {...}, "source": "...", free-form metadata}
+  params/        -- an orbax checkpoint of the parameter pytree.
+
+It is written by `convert` (from a diffusers checkpoint) and by `pretrain` (its EMA
+parameters, exported to ``<workdir>/backbone``). `load_backbone` accepts either a backbone
+directory or a workdir that contains one.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into
+place only when complete, so a failing run never leaves a partial or overwritten backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lees_jax import models
+
+FORMAT = 'lees_jax.backbone'
+VERSION = 1
+META_FILE = 'backbone.json'
+
+
+class BackboneError(ValueError):
+  """A backbone checkpoint is missing, corrupt or does not match what was expected."""
+
+
+def _plain(value):
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  return value
+
+
+def save_backbone(directory: str, params, model_config, *, diffusion_config=None,
+                  overwrite: bool = False, **metadata: Any) -> str:
+  """Writes ``params`` and their model config to ``directory`` atomically."""
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not overwrite:
+    raise FileExistsError(f'{directory} already exists; choose another output directory or remove it '
+                          'first (nothing was written)')
+  spec = models.UNetSpec.from_config(model_config)  # validates the architecture
+  del spec
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.tmp-', dir=parent)
+  try:
+    params = jax.tree_util.tree_map(np.asarray, params)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, 'params'), params)
+    ckptr.wait_until_finished()
+    meta = {'format': FORMAT, 'version': VERSION, 'model': _plain(model_config),
+            'diffusion': _plain(diffusion_config) if diffusion_config is not None else None,
+            **_plain(metadata)}
+    with open(os.path.join(tmp, META_FILE), 'w') as f:
+      json.dump(meta, f, indent=1)
+    if os.path.exists(directory):
+      old = directory + '.old'
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(directory, old)
+      os.replace(tmp, directory)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def find_backbone_dir(path: str) -> str:
+  """``path`` itself if it is a backbone directory, else ``path/backbone``."""
+  if not path:
+    raise BackboneError('no backbone given: set config.gates.backbone (or the mode\'s backbone field) '
+                        'to a directory written by `python -m lees_jax.convert` or a pretrain workdir')
+  for cand in (path, os.path.join(path, 'backbone')):
+    if os.path.isfile(os.path.join(cand, META_FILE)):
+      return cand
+  raise BackboneError(f'no backbone checkpoint at {path!r}: expected {META_FILE} and params/ in it or '
+                      f'in {os.path.join(path, "backbone")!r}. Create one with '
+                      '`python -m lees_jax.convert --source=... --out=...` or a `pretrain` run.')
+
+
+def read_backbone_meta(path: str) -> dict:
+  directory = find_backbone_dir(path)
+  meta_path = os.path.join(directory, META_FILE)
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise BackboneError(f'cannot read {meta_path}: {e}') from e
+  if meta.get('format') != FORMAT or 'model' not in meta:
+    raise BackboneError(f'{meta_path} is not a lees_jax backbone description (format {meta.get("format")!r})')
+  return meta
+
+
+def load_backbone_params(path: str, expected_model_config=None):
+  """Returns (model_config as ConfigDict, params). Checks the architecture if one is expected."""
+  directory = find_backbone_dir(path)
+  meta = read_backbone_meta(directory)
+  model_config = ml_collections.ConfigDict(meta['model'])
+  if expected_model_config is not None:
+    want = models.UNetSpec.from_config(expected_model_config)
+    have = models.UNetSpec.from_config(model_config)
+    # Dropout is a training setting, not part of the architecture.
+    if dataclasses.replace(want, dropout=0.0) != dataclasses.replace(have, dropout=0.0):
+      diffs = [f'{f}: checkpoint {getattr(have, f)!r} vs config {getattr(want, f)!r}'
+               for f in want.__dataclass_fields__
+               if f != 'dropout' and getattr(have, f) != getattr(want, f)]
+      raise BackboneError(f'backbone at {directory} does not match config.model: ' + '; '.join(diffs))
+  model = models.build_model(model_config)
+  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
+  target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+  try:
+    params = ocp.StandardCheckpointer().restore(os.path.join(directory, 'params'), target)
+  except Exception as e:  # orbax raises many types for corrupt / mismatched trees
+    raise BackboneError(f'cannot restore backbone parameters from {directory}/params '
+                        f'(expected the tree of a {models.count_params(abstract):,}-parameter '
+                        f'{model_config.name} with ch={model_config.ch}, ch_mult={tuple(model_config.ch_mult)}): '
+                        f'{type(e).__name__}: {e}') from e
+  return model_config, params
+
+
+def load_backbone(path: str):
+  """Public API: ``model, params = load_backbone(path)``.
+
+  ``model.apply({'params': params}, x, t)`` with x NHWC in [-1, 1] and integer timesteps t
+  returns the predicted noise; ``gates=`` (see `lees_jax.gates`) optionally skips units.
+  """
+  model_config, params = load_backbone_params(path)
+  return models.build_model(model_config), params
