@@ -230,7 +230,8 @@ class LeesPolicy(Policy):
   def soft(self) -> bool:  # type: ignore[override]
     return self.form == 'soft'
 
-  def _logits(self, timesteps, num_timesteps, num_units):
+  def step_logits(self, timesteps, num_timesteps, num_units) -> np.ndarray:
+    """(num_steps, K) alpha_k t + beta_k at each step's normalised time."""
     _check_length(self.alpha.shape[0], num_units, f'LEES gates {self.name!r}')
     t = (np.asarray(timesteps, np.float32) + np.float32(1.0)) / np.float32(num_timesteps)
     return self.alpha[None, :] * t[:, None] + self.beta[None, :]
@@ -238,10 +239,10 @@ class LeesPolicy(Policy):
   def step_masks(self, timesteps, num_timesteps, num_units):
     if self.soft:
       return np.ones((len(timesteps), num_units), bool)
-    return self._logits(timesteps, num_timesteps, num_units) > 0
+    return self.step_logits(timesteps, num_timesteps, num_units) > 0
 
   def step_weights(self, timesteps, num_timesteps, num_units):
-    logits = self._logits(timesteps, num_timesteps, num_units)
+    logits = self.step_logits(timesteps, num_timesteps, num_units)
     if self.soft:
       return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
     return (logits > 0).astype(np.float32)

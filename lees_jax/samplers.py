@@ -1,0 +1,265 @@
+"""Samplers that really skip blocks: respaced DDPM, DDIM and DPM-Solver++(2M).
+
+A sampler is a *solver* (the update rule of one step, with its per-step coefficients
+precomputed in float64) plus a *gate policy*. `compile_sampler` turns both into one
+jitted program ``fn(params, rng) -> x0`` along one of three paths:
+
+* ``'segments'`` -- the policy's per-step masks are grouped into segments (runs of steps
+  with one mask); the program holds one ``fori_loop`` per segment whose model call gets a
+  `gates.StaticMask`, so skipped units are absent from that loop's compiled code;
+* ``'cond'`` -- one ``fori_loop`` over all steps; the (steps, K) mask matrix is a traced
+  input and every unit sits behind ``lax.cond`` (one compilation for any mask);
+* ``'soft'`` -- soft LEES gates: every unit runs and is blended with its skip by g(t).
+
+Every path uses the same step function, step index ``i`` and per-step noise key
+``fold_in(rng, i)``, so the paths give the same samples for the same key and gates.
+
+Time runs from noise to data: sampler step i = 0 is the noisiest timestep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lees_jax import cost as cost_lib
+from lees_jax import diffusion
+from lees_jax import gates as gating
+
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver++')
+PATHS = ('segments', 'cond', 'soft')
+
+
+# ---------------------------------------------------------------------------
+# Solvers: per-step coefficients (numpy, float64) and the update rule.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Solver:
+  """A discretised reverse process over ``timesteps`` (sampling order, noisiest first)."""
+  name: str
+  timesteps: np.ndarray          # (S,) original timesteps, descending
+  num_original_timesteps: int
+  coefs: dict[str, np.ndarray]   # per-step float64 arrays of length S
+  clip_x0: bool = True
+
+  @property
+  def num_steps(self) -> int:
+    return int(self.timesteps.shape[0])
+
+  def init_state(self, x):
+    if self.name == 'dpm_solver++':
+      return (x, jnp.zeros_like(x))
+    return (x,)
+
+  def x0_from_eps(self, i, x, eps):
+    c = self._at(i)
+    x0 = c['sqrt_recip_ab'] * x - c['sqrt_recipm1_ab'] * eps
+    return jnp.clip(x0, -1.0, 1.0) if self.clip_x0 else x0
+
+  def _at(self, i):
+    return {k: jnp.asarray(v, jnp.float32)[i] for k, v in self.coefs.items()}
+
+  def update(self, i, state, eps, key):
+    """One reverse step from sampler step i to i + 1 (the last step returns x0)."""
+    x = state[0]
+    c = self._at(i)
+    x0 = self.x0_from_eps(i, x, eps)
+    if self.name == 'ddpm':
+      mean = c['coef_x0'] * x0 + c['coef_xt'] * x
+      noise = jax.random.normal(key, x.shape, x.dtype)
+      return (mean + c['sigma'] * noise,)
+    if self.name == 'ddim':
+      # eps consistent with the (possibly clipped) x0, as DDIM implementations do.
+      eps_hat = (c['sqrt_recip_ab'] * x - x0) / c['sqrt_recipm1_ab']
+      noise = jax.random.normal(key, x.shape, x.dtype)
+      return (c['sqrt_ab_next'] * x0 + c['dir_coef'] * eps_hat + c['sigma'] * noise,)
+    # DPM-Solver++(2M): data-prediction multistep; first step first order, last step -> x0.
+    d_prev = state[1]
+    r_inv = c['half_r_inv']  # 1 / (2 r), 0 where first order
+    d = (1.0 + r_inv) * x0 - r_inv * d_prev
+    x_next = c['sigma_ratio'] * x + c['alpha_expm1'] * d
+    return (x_next, x0)
+
+
+def _solver_timesteps(schedule: diffusion.Schedule, name: str, steps: int, spacing: str) -> np.ndarray:
+  if not spacing:
+    spacing = f'ddim{steps}' if name == 'ddim' else str(steps)
+  kept = diffusion.space_timesteps(schedule.num_steps, spacing)
+  if len(kept) != steps:
+    raise ValueError(f'spacing {spacing!r} gives {len(kept)} steps but sampler.steps={steps}')
+  return np.asarray(kept)
+
+
+def make_solver(schedule: diffusion.Schedule, name: str = 'ddpm', steps: int = 50,
+                spacing: str = '', eta: float = 0.0, clip_x0: bool = True) -> Solver:
+  """Builds the per-step coefficients of a sampler over ``steps`` respaced timesteps.
+
+  ddpm: improved-diffusion's respaced ancestral sampler with "fixed_large" variance
+  (beta_t, with the first entry replaced by the posterior variance). ddim: eta-DDIM.
+  dpm_solver++: 2M multistep in data prediction, log-SNR steps between the kept timesteps.
+  """
+  if name not in SAMPLERS:
+    raise ValueError(f'unknown sampler {name!r}; choose one of {SAMPLERS}')
+  kept = _solver_timesteps(schedule, name, steps, spacing)
+  abar_full = schedule.alphas_cumprod
+  ab = abar_full[kept]                        # ascending in time
+  coefs: dict[str, np.ndarray] = {'sqrt_recip_ab': np.sqrt(1.0 / ab),
+                                  'sqrt_recipm1_ab': np.sqrt(1.0 / ab - 1.0)}
+  if name == 'ddpm':
+    rs = diffusion.respace(schedule, kept)
+    betas = rs.betas
+    ab_prev = rs.alphas_cumprod_prev
+    post_var = rs.posterior_variance
+    var = np.append(post_var[1], betas[1:]) if len(betas) > 1 else betas.copy()
+    coefs['coef_x0'] = betas * np.sqrt(ab_prev) / (1.0 - ab)
+    coefs['coef_xt'] = (1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab)
+    sigma = np.sqrt(var)
+    sigma[0] = 0.0  # no noise on the final step to t = 0
+    coefs['sigma'] = sigma
+  elif name == 'ddim':
+    ab_next = np.append(1.0, ab[:-1])        # the step after t_j is t_{j-1}; x0 after the last
+    sigma = eta * np.sqrt((1.0 - ab_next) / (1.0 - ab)) * np.sqrt(1.0 - ab / ab_next)
+    coefs['sqrt_ab_next'] = np.sqrt(ab_next)
+    coefs['dir_coef'] = np.sqrt(np.maximum(1.0 - ab_next - sigma ** 2, 0.0))
+    coefs['sigma'] = sigma
+  else:
+    alpha, sig = np.sqrt(ab), np.sqrt(1.0 - ab)
+    lam = np.log(alpha) - np.log(sig)
+    # In sampling order (descending time) step j goes from kept[j] to kept[j-1].
+    lam_next = np.append(np.inf, lam[:-1])
+    h = lam_next - lam
+    alpha_next = np.append(1.0, alpha[:-1])
+    sig_next = np.append(0.0, sig[:-1])
+    with np.errstate(over='ignore', invalid='ignore'):
+      coefs['sigma_ratio'] = np.where(np.isinf(h), 0.0, sig_next / sig)
+      coefs['alpha_expm1'] = np.where(np.isinf(h), 1.0, -alpha_next * np.expm1(-h))
+    # Second-order correction uses the previous (noisier) step: h_prev = lam - lam_prev.
+    lam_prev = np.append(lam[1:], np.nan)
+    h_prev = lam - lam_prev
+    with np.errstate(divide='ignore', invalid='ignore'):
+      half_r_inv = np.where(np.isfinite(h) & np.isfinite(h_prev), h / (2.0 * h_prev), 0.0)
+    half_r_inv[-1] = 0.0  # the noisiest step has no history: first order
+    coefs['half_r_inv'] = half_r_inv
+  order = slice(None, None, -1)  # to sampling order (noisiest first)
+  return Solver(name, kept[order].copy(), schedule.num_original_timesteps,
+                {k: v[order].copy() for k, v in coefs.items()}, clip_x0)
+
+
+def solver_from_config(diffusion_config, sampler_config) -> Solver:
+  return make_solver(diffusion.schedule_from_config(diffusion_config), sampler_config.name,
+                     sampler_config.steps, sampler_config.get('spacing', ''),
+                     sampler_config.get('eta', 0.0), sampler_config.get('clip_x0', True))
+
+
+# ---------------------------------------------------------------------------
+# Compiled programs.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class SampleProgram:
+  """A compiled sampler for one policy: ``program(params, rng) -> x0`` (float32 NHWC, [-1, 1])."""
+  jitted: Callable[..., jax.Array]
+  operand: jax.Array                 # the traced per-step masks / logits (empty for segments)
+  path: str
+  policy: gating.Policy
+  masks: np.ndarray                  # (steps, K) executed units per step
+  segments: list[gating.Segment]
+  block_ratio: float                 # executed (step, unit) pairs / all
+  flop_fraction: float               # executed FLOPs / full model FLOPs
+  batch_size: int
+
+  def __call__(self, params, rng):
+    return self.jitted(params, rng, self.operand)
+
+  def lower(self, params, rng):
+    """For compile-time measurement and HLO inspection."""
+    return self.jitted.lower(params, rng, self.operand)
+
+
+def default_path(policy: gating.Policy) -> str:
+  return 'soft' if policy.soft else 'segments'
+
+
+def batch_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over all (or the given) devices with axis 'batch'."""
+  devices = np.asarray(devices if devices is not None else jax.devices())
+  return Mesh(devices.reshape(-1), ('batch',))
+
+
+def compile_sampler(model, solver: Solver, policy: gating.Policy, batch_size: int, *,
+                    path: str | None = None, mesh: Mesh | None = None) -> SampleProgram:
+  """One jitted program sampling ``batch_size`` images under ``policy``.
+
+  With a ``mesh`` the batch is sharded over its 'batch' axis and params are replicated.
+  """
+  path = path or default_path(policy)
+  if path not in PATHS:
+    raise ValueError(f'unknown sampling path {path!r}; choose one of {PATHS}')
+  if policy.soft != (path == 'soft'):
+    raise ValueError(f"policy {policy.kind!r} ({'soft' if policy.soft else 'hard'}) cannot use path "
+                     f"{path!r}: soft gates need path='soft', hard policies 'segments' or 'cond'")
+  spec = model.spec
+  k = model.num_units
+  masks = policy.step_masks(solver.timesteps, solver.num_original_timesteps, k)
+  segments = gating.segments_from_masks(masks)
+  mc = cost_lib.model_cost(spec)
+  shape = (batch_size, spec.resolution, spec.resolution, spec.in_channels)
+  if mesh is not None and batch_size % mesh.devices.size:
+    raise ValueError(f'batch size {batch_size} is not divisible by the {mesh.devices.size} devices '
+                     'of the mesh')
+  x_sharding = NamedSharding(mesh, P('batch')) if mesh is not None else None
+  timesteps = jnp.asarray(solver.timesteps, jnp.int32)
+
+  def step(params, rng, i, state, gates_arg):
+    x = state[0]
+    t = jnp.full((batch_size,), timesteps[i], jnp.int32)
+    eps = model.apply({'params': params}, x, t, gates=gates_arg)
+    return solver.update(i, state, eps, jax.random.fold_in(rng, i))
+
+  def run(params, rng, mask_matrix):
+    init_key, rng = jax.random.split(rng)
+    x = jax.random.normal(init_key, shape, jnp.float32)
+    if x_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, x_sharding)
+    state = solver.init_state(x)
+    if path == 'segments':
+      for seg in segments:
+        mask = gating.StaticMask(seg.keep)
+        body = functools.partial(lambda m, i, s: step(params, rng, i, s, m), mask)
+        state = jax.lax.fori_loop(seg.start, seg.stop, body, state)
+    elif path == 'cond':
+      state = jax.lax.fori_loop(
+          0, solver.num_steps,
+          lambda i, s: step(params, rng, i, s, gating.CondMask(mask_matrix[i])), state)
+    else:
+      state = jax.lax.fori_loop(
+          0, solver.num_steps,
+          lambda i, s: step(params, rng, i, s, gating.TrainingGates(mask_matrix[i], hard=False)),
+          state)
+    return state[0]
+
+  if path == 'segments':
+    operand = jnp.zeros((0,), bool)  # masks are baked into the program
+  elif path == 'cond':
+    operand = jnp.asarray(masks)
+  else:
+    # TrainingGates(hard=False) blends each unit by sigmoid(logit) = g_k(t).
+    operand = jnp.asarray(policy.step_logits(solver.timesteps, solver.num_original_timesteps, k))
+  jitted = jax.jit(run, out_shardings=x_sharding) if x_sharding is not None else jax.jit(run)
+  return SampleProgram(jitted, operand, path, policy, masks, segments,
+                       gating.executed_block_ratio(masks), mc.flop_fraction(masks), batch_size)
+
+
+def to_uint8(x) -> np.ndarray:
+  """[-1, 1] float NHWC -> uint8 NHWC."""
+  x = np.asarray(x, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
