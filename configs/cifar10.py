@@ -38,7 +38,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   # images shipped in lees_jax/data (offline).
   c.data = ml_collections.ConfigDict(dict(
       dataset='cifar10', train_split='train', eval_split='test', data_dir='',
-      shuffle_buffer=10_000, random_flip=True))
+      shuffle_buffer=10_000, random_flip=True,  # flip: pretraining only (gates use no augmentation)
+      subset_path=''))  # '' = the shipped lees_jax/data/cifar10_subset.npz
 
   # Backbone pretraining (DDPM recipe).
   c.pretrain = ml_collections.ConfigDict(dict(

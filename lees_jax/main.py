@@ -24,6 +24,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 # mode -> (module, function). Every entry is implemented; see README for what each does.
 MODES = {
     'describe': ('lees_jax.cost', 'describe'),
+    'pretrain': ('lees_jax.train', 'pretrain'),
+    'train_gates': ('lees_jax.train', 'train_gates'),
 }
 
 

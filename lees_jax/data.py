@@ -1,0 +1,270 @@
+"""Input pipelines: CIFAR-10 through TFDS or the shipped real-CIFAR-10 subset; device sharding.
+
+Two datasets, one interface (`train_iterator`), both yielding this process's part of each
+global batch as ``{'image': float32 (local_batch, 32, 32, 3) in [-1, 1]}``:
+
+* ``config.data.dataset='cifar10'`` -- ``tfds.load`` with a per-process split
+  (`tfds.split_for_jax_process`), seeded file and example shuffling, optional random
+  horizontal flip (stateless, keyed by the example's position in the stream), prefetch.
+  Resuming at step s skips the first ``s * local_batch`` examples of the same seeded stream,
+  so the order is reproducible given a deterministic TFDS read (same data files, same TF
+  version); skipping reads and discards those examples, which takes seconds for CIFAR-10.
+* ``config.data.dataset='cifar10_subset'`` -- the real CIFAR-10 images shipped in
+  ``lees_jax/data/cifar10_subset.npz`` (offline runs and tests). Batch s of the global stream
+  is a pure function of (seed, s): the stream concatenates one numpy permutation per epoch
+  seeded by (seed, epoch), and flips are drawn per (seed, s). Every process builds only its
+  own rows of the global batch, so the global batch is the same for any number of hosts and
+  devices.
+
+TensorFlow is imported inside the functions that need it and never sees an accelerator
+(``tf.config.set_visible_devices([], 'GPU')``): models and samplers import no TF.
+
+Sharding: a 1-D `Mesh` over all devices with axis ``'batch'``; batches are sharded along
+it (`shard_batch` builds the global array from each process's local rows with
+``jax.make_array_from_process_local_data``) and parameters are replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_AXIS = 'batch'
+SUBSET = 'cifar10_subset'
+SUBSET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'cifar10_subset.npz')
+DATASETS = ('cifar10', SUBSET)
+# Used when TFDS has no metadata for a split (e.g. under tfds.testing.mock_data).
+_KNOWN_SIZES = {('cifar10', 'train'): 50_000, ('cifar10', 'test'): 10_000}
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow, kept off the accelerators.
+# ---------------------------------------------------------------------------
+
+
+def configure_tensorflow():
+  """Imports TensorFlow with every GPU hidden from it; returns the module.
+
+  Call before anything (TFDS, CLU's TensorBoard writer) makes TF touch the devices.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # devices already initialised: they were hidden by an earlier call
+    pass
+  return tf
+
+
+# ---------------------------------------------------------------------------
+# Images.
+# ---------------------------------------------------------------------------
+
+
+def to_model_range(images: np.ndarray) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1]."""
+  return np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def to_uint8(x) -> np.ndarray:
+  """float [-1, 1] -> uint8 [0, 255] (rounding, clipped)."""
+  x = np.asarray(x, np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_subset(path: str) -> dict[str, np.ndarray]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'the shipped CIFAR-10 subset is missing: expected {path} (keys '
+                            'train_images/train_labels/test_images/test_labels, uint8 NHWC)')
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def load_subset(split: str = 'train', path: str = '') -> tuple[np.ndarray, np.ndarray]:
+  """(images uint8 (N, 32, 32, 3), labels (N,)) of the shipped subset's ``split``."""
+  d = _load_subset(path or SUBSET_PATH)
+  key = split.split('[')[0]
+  if f'{key}_images' not in d:
+    raise ValueError(f'unknown split {split!r} of {SUBSET}; available: train, test')
+  return d[f'{key}_images'], d[f'{key}_labels']
+
+
+def _check_dataset(name: str):
+  if name not in DATASETS:
+    raise ValueError(f'unknown config.data.dataset {name!r}; choose one of {DATASETS}')
+
+
+def num_examples(data_config, split: str | None = None) -> int:
+  """Number of examples in ``split`` (default: the training split) of the configured dataset."""
+  split = split or data_config.train_split
+  _check_dataset(data_config.dataset)
+  if data_config.dataset == SUBSET:
+    return int(load_subset(split, data_config.get('subset_path', ''))[0].shape[0])
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  configure_tensorflow()
+  try:
+    builder = tfds.builder(data_config.dataset, data_dir=data_config.data_dir or None)
+    return int(builder.info.splits[split].num_examples)
+  except Exception:  # not prepared yet / mocked: fall back to the published sizes
+    if (data_config.dataset, split) in _KNOWN_SIZES:
+      return _KNOWN_SIZES[(data_config.dataset, split)]
+    raise
+
+
+# ---------------------------------------------------------------------------
+# Per-process shares of a global batch.
+# ---------------------------------------------------------------------------
+
+
+def local_batch_size(global_batch_size: int, process_count: int | None = None) -> int:
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by the number of '
+                     f'processes ({process_count})')
+  return global_batch_size // process_count
+
+
+def process_rows(global_batch_size: int, process_index: int, process_count: int) -> slice:
+  """The rows of a global batch that process ``process_index`` provides."""
+  n = local_batch_size(global_batch_size, process_count)
+  return slice(process_index * n, (process_index + 1) * n)
+
+
+def subset_batch_indices(num: int, seed: int, step: int, global_batch_size: int) -> np.ndarray:
+  """Example indices of global batch ``step``: an infinite stream of per-epoch permutations."""
+  start, end = step * global_batch_size, (step + 1) * global_batch_size
+  out, pos = [], start
+  while pos < end:
+    epoch, offset = divmod(pos, num)
+    perm = _permutation(num, seed, epoch)
+    take = min(end - pos, num - offset)
+    out.append(perm[offset:offset + take])
+    pos += take
+  return np.concatenate(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(num: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0])).permutation(num)
+
+
+def _subset_flips(seed: int, step: int, global_batch_size: int) -> np.ndarray:
+  return np.random.default_rng(np.random.SeedSequence([seed, step, 1])).random(global_batch_size) < 0.5
+
+
+def _subset_iterator(data_config, split, global_batch_size, seed, start_step, random_flip,
+                     process_index, process_count) -> Iterator[dict[str, np.ndarray]]:
+  images, _ = load_subset(split, data_config.get('subset_path', ''))
+  if images.shape[0] < 1:
+    raise ValueError(f'split {split!r} of {SUBSET} is empty')
+  rows = process_rows(global_batch_size, process_index, process_count)
+  step = start_step
+  while True:
+    idx = subset_batch_indices(images.shape[0], seed, step, global_batch_size)[rows]
+    x = images[idx]
+    if random_flip:
+      flip = _subset_flips(seed, step, global_batch_size)[rows]
+      x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    yield {'image': to_model_range(x)}
+    step += 1
+
+
+def _tfds_iterator(data_config, split, global_batch_size, seed, start_step, random_flip,
+                   process_index, process_count) -> Iterator[dict[str, np.ndarray]]:
+  tf = configure_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  local = local_batch_size(global_batch_size, process_count)
+  process_split = tfds.split_for_jax_process(split, process_index=process_index,
+                                             process_count=process_count)
+  read_config = tfds.ReadConfig(shuffle_seed=seed)
+  ds = tfds.load(data_config.dataset, split=process_split, data_dir=data_config.data_dir or None,
+                 shuffle_files=True, read_config=read_config)
+  ds = ds.map(lambda ex: ex['image'], num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if data_config.shuffle_buffer > 1:
+    ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  ds = ds.repeat().enumerate()
+  if start_step:
+    ds = ds.skip(start_step * local)
+  flip_seed = np.int64(seed) * 1000 + process_index  # distinct streams per process
+
+  def prepare(i, image):
+    x = tf.cast(image, tf.float32) / 127.5 - 1.0
+    if random_flip:
+      x = tf.image.stateless_random_flip_left_right(x, seed=tf.stack([flip_seed, i]))
+    return {'image': x}
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = True
+  ds = ds.with_options(options)
+  return ds.as_numpy_iterator()
+
+
+def train_iterator(data_config, *, global_batch_size: int, seed: int, start_step: int = 0,
+                   random_flip: bool | None = None, split: str | None = None,
+                   process_index: int | None = None,
+                   process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """Endless iterator of this process's rows of global batches ``start_step, start_step+1, ...``.
+
+  ``random_flip`` defaults to ``data_config.random_flip``.
+  """
+  _check_dataset(data_config.dataset)
+  split = split or data_config.train_split
+  random_flip = data_config.random_flip if random_flip is None else random_flip
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  args = (data_config, split, global_batch_size, int(seed), int(start_step), bool(random_flip),
+          process_index, process_count)
+  if data_config.dataset == SUBSET:
+    return _subset_iterator(*args)
+  return _tfds_iterator(*args)
+
+
+# ---------------------------------------------------------------------------
+# Device mesh and sharding.
+# ---------------------------------------------------------------------------
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over ``devices`` (default: every device of every process), axis 'batch'."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh):
+  if global_batch_size % mesh.size:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
+                     f'{mesh.size} devices of the mesh')
+
+
+def shard_batch(local_batch: Any, mesh: Mesh):
+  """This process's rows -> global arrays sharded over the mesh's batch axis."""
+  sharding = batch_sharding(mesh)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def replicate(tree: Any, mesh: Mesh):
+  """Host values (identical on every process) -> arrays replicated on every device of the mesh."""
+  sharding = replicated_sharding(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree_util.tree_map(put, tree)

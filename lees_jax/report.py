@@ -1,0 +1,83 @@
+"""Figures from gate policies and result files (matplotlib, Agg backend, no display needed).
+
+Currently: `gate_heatmap`, the (units x normalised time) picture of LEES gates that gate
+training writes to TensorBoard and that reports reuse.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from lees_jax import gates as gating
+
+
+def _figure(width: float, height: float):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg', force=False)
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(width, height), dpi=100)
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def _to_rgb(fig) -> np.ndarray:
+  fig.canvas.draw()
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def gate_heatmap(policy_or_params, unit_names: Sequence[str] | None = None, *,
+                 num_timesteps: int = 1000, timesteps: Sequence[int] | None = None,
+                 title: str = '', resolution: int = 200) -> np.ndarray:
+  """uint8 RGB image (H, W, 3): gate values g_k(t) of each unit (rows) over normalised time.
+
+  ``policy_or_params`` is a `gates.LeesPolicy` or a dict with 'alpha' and 'beta'. The
+  colour is g_k(t) = sigmoid(alpha_k t + beta_k) on a grid of t in (0, 1]; a black tick in
+  a row is where that gate crosses g = 0.5 (its hard decision flips). With ``timesteps`` (a
+  sampler's original timesteps) the executed (unit, step) pairs of the hard policy are dots.
+  """
+  policy = policy_or_params
+  if not isinstance(policy, gating.LeesPolicy):
+    policy = gating.LeesPolicy.from_params(policy_or_params)
+  k = policy.alpha.shape[0]
+  names = list(unit_names) if unit_names is not None else [str(i) for i in range(k)]
+  if len(names) != k:
+    raise ValueError(f'{len(names)} unit names for {k} gates')
+  t = (np.arange(resolution, dtype=np.float64) + 1.0) / resolution
+  logits = policy.alpha[:, None].astype(np.float64) * t[None, :] + policy.beta[:, None]
+  values = 1.0 / (1.0 + np.exp(-logits))
+
+  fig = _figure(8.0, 1.2 + 0.22 * k)
+  ax = fig.add_subplot(1, 1, 1)
+  im = ax.imshow(values, aspect='auto', origin='upper', cmap='viridis', vmin=0.0, vmax=1.0,
+                 extent=(0.0, 1.0, k - 0.5, -0.5), interpolation='nearest')
+  with np.errstate(divide='ignore', invalid='ignore'):
+    flip = -policy.beta / policy.alpha  # where alpha t + beta changes sign
+  for unit in np.nonzero((policy.alpha != 0) & (flip > 0) & (flip < 1))[0]:
+    ax.plot([flip[unit]] * 2, [unit - 0.5, unit + 0.5], color='k', linewidth=1.2)
+  if timesteps is not None:
+    masks = gating.LeesPolicy(policy.alpha, policy.beta, 'hard').step_masks(
+        timesteps, num_timesteps, k)
+    tn = (np.asarray(timesteps, np.float64) + 1.0) / num_timesteps
+    steps, units = np.nonzero(masks)
+    ax.scatter(tn[steps], units, s=9, c='w', marker='o', linewidths=0)
+  ax.set_yticks(range(k))
+  ax.set_yticklabels(names, fontsize=6)
+  ax.set_xlabel('normalised time t = (timestep + 1) / T   (0: data, 1: noise)')
+  ax.set_title(title or f'LEES gates g_k(t) ({policy.form})', fontsize=9)
+  fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, label='g')
+  fig.tight_layout()
+  return _to_rgb(fig)
+
+
+def save_png(image: np.ndarray, path: str):
+  """Writes a uint8 RGB array as PNG (local path or anything etils.epath opens)."""
+  import io  # pylint: disable=g-import-not-at-top
+
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format='PNG')
+  epath.Path(path).write_bytes(buf.getvalue())

@@ -1,0 +1,522 @@
+"""The training loop, and the objectives that plug into it.
+
+One loop (`train`) owns everything a long job needs: the device mesh, the state
+(step, trainable params, optimiser state, optional EMA), the jitted data-parallel step,
+orbax checkpoints with resume-from-latest, the NaN/inf guard, CLU summaries and console
+progress. An `Objective` says what is trained and how:
+
+* ``init_trainable(rng)`` -- the trainable pytree: the ONLY thing that is differentiated,
+  updated by the optimiser and kept in the optimiser state;
+* ``frozen`` -- everything else the loss reads (e.g. the backbone); passed through
+  ``jax.lax.stop_gradient`` and never updated or checkpointed by the loop;
+* ``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)``;
+* host-side hooks for extra scalars, images and the final export.
+
+Modes (``config.mode``): ``pretrain`` (DDPM eps-prediction training of the whole UNet,
+exports its EMA parameters to ``<workdir>/backbone``) and ``train_gates`` (LEES: only the
+2K gate scalars alpha, beta are trained on a frozen backbone; writes ``<workdir>/gates.json``).
+A later objective (e.g. ASE fine-tuning of a sub-network) splits a parameter tree with
+`partition` / `merge` into trainable and frozen parts and plugs in the same way.
+
+Determinism: the step's random key is ``fold_in(base_key, step)`` and the data order is a
+function of (seed, step) (see `lees_jax.data`), so a run killed at any moment and restarted
+from its latest checkpoint ends bitwise identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lees_jax import checkpoints
+from lees_jax import cost
+from lees_jax import data
+from lees_jax import diffusion
+from lees_jax import gates as gating
+from lees_jax import models
+
+Pytree = Any
+GATES_FILE = 'gates.json'
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class TrainingDivergedError(FloatingPointError):
+  """A loss or gradient became NaN/inf; nothing was saved after the last good checkpoint."""
+
+
+# ---------------------------------------------------------------------------
+# Objectives.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Objective:
+  """What is trained, with which loss and optimiser (see the module docstring)."""
+  name: str
+  section: ml_collections.ConfigDict  # batch_size, log_every, checkpoint_every, keep_checkpoints
+  num_train_steps: int
+  init_trainable: Callable[[jax.Array], Pytree]
+  frozen: Pytree
+  loss_fn: Callable[[Pytree, Pytree, dict, jax.Array], tuple[jax.Array, dict]]
+  optimizer: optax.GradientTransformation
+  ema_decay: float | None = None
+  random_flip: bool = False
+  # Host-side hooks (called on every process; only process 0 writes).
+  host_scalars: Callable[[dict], dict[str, float]] = lambda state: {}
+  images: Callable[[dict], dict[str, np.ndarray]] = lambda state: {}
+  image_every: int = 0
+  finish: Callable[[dict, str], None] = lambda state, workdir: None
+  describe: str = ''
+
+
+def partition(params: Pytree, is_trainable: Callable[[tuple[str, ...], Any], bool]
+              ) -> tuple[dict, dict]:
+  """Splits a nested dict into (trainable, frozen) by a predicate on (path, leaf)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  trainable = {k: v for k, v in flat.items() if is_trainable(k, v)}
+  frozen = {k: v for k, v in flat.items() if k not in trainable}
+  return (flax.traverse_util.unflatten_dict(trainable) if trainable else {},
+          flax.traverse_util.unflatten_dict(frozen) if frozen else {})
+
+
+def merge(trainable: Pytree, frozen: Pytree) -> dict:
+  """Inverse of `partition`."""
+  flat = dict(flax.traverse_util.flatten_dict(flax.core.unfreeze(frozen)))
+  flat.update(flax.traverse_util.flatten_dict(flax.core.unfreeze(trainable)))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def draw_t_noise(rng: jax.Array, x0: jax.Array, num_timesteps: int):
+  """The per-example diffusion timestep t ~ U{0..T-1} and noise eps ~ N(0, I) of a step."""
+  k_t, k_n = jax.random.split(rng)
+  t = jax.random.randint(k_t, (x0.shape[0],), 0, num_timesteps)
+  noise = jax.random.normal(k_n, x0.shape, jnp.float32)
+  return t, noise
+
+
+def _num_steps(section, data_config) -> int:
+  if section.get('num_train_steps', -1) > 0:
+    return int(section.num_train_steps)
+  epochs = section.get('num_epochs', -1.0)
+  if epochs <= 0:
+    raise ValueError('set num_train_steps > 0 or num_epochs > 0')
+  n = data.num_examples(data_config)
+  return max(1, int(math.floor(epochs * n / section.batch_size)))
+
+
+def sampler_timesteps(config) -> list[int]:
+  """Original timesteps of the configured sampler (50-step respaced DDPM in the paper)."""
+  spacing = config.sampler.get('spacing', '') or str(config.sampler.steps)
+  return diffusion.space_timesteps(config.diffusion.num_timesteps, spacing)
+
+
+def pretrain_objective(config) -> Objective:
+  """DDPM eps-prediction on the whole UNet: Adam, linear warm-up, clipping, EMA, dropout."""
+  pc = config.pretrain
+  model = models.build_model(config.model)
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  T = schedule.num_steps
+  lr = optax.linear_schedule(0.0, pc.learning_rate, max(1, pc.warmup_steps)) \
+      if pc.warmup_steps > 0 else optax.constant_schedule(pc.learning_rate)
+  parts = [optax.clip_by_global_norm(pc.grad_clip)] if pc.grad_clip > 0 else []
+  optimizer = optax.chain(*parts, optax.adam(lr, b1=pc.get('b1', 0.9), b2=pc.get('b2', 0.999)))
+
+  def init_trainable(rng):
+    return models.init_params(model, rng)
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen
+    x0 = batch['image']
+    t, noise = draw_t_noise(rng, x0, T)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    eps = model.apply({'params': params}, x_t, t, train=True,
+                      rngs={'dropout': jax.random.fold_in(rng, 2)})
+    mse = diffusion.eps_mse(eps, noise).mean()
+    return mse, {'mse': mse}
+
+  def host_scalars(state):
+    return {'learning_rate': float(lr(int(state['step'])))}
+
+  def finish(state, workdir):
+    if jax.process_index() != 0:
+      return
+    with _quiet():
+      path = checkpoints.save_backbone(
+          _join(workdir, 'backbone'), jax.device_get(state['ema_params']), config.model,
+          diffusion_config=config.diffusion, overwrite=True, source='lees_jax pretrain',
+          step=int(state['step']), seed=int(config.seed), params_kind='ema',
+          ema_decay=float(pc.ema_decay))
+    print(f'exported EMA parameters (step {int(state["step"])}) to {path}', flush=True)
+
+  return Objective(
+      name='pretrain', section=pc, num_train_steps=_num_steps(pc, config.data),
+      init_trainable=init_trainable, frozen={}, loss_fn=loss_fn, optimizer=optimizer,
+      ema_decay=float(pc.ema_decay), random_flip=bool(config.data.random_flip),
+      host_scalars=host_scalars, finish=finish,
+      describe=f'DDPM pretraining of a {config.model.name} (lr {pc.learning_rate}, '
+               f'warm-up {pc.warmup_steps}, clip {pc.grad_clip}, EMA {pc.ema_decay})')
+
+
+def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool):
+  """LEES loss: eps-MSE with gated units + lam * mean over batch and units of sigmoid(logits)."""
+  T = schedule.num_original_timesteps
+
+  def loss_fn(gate_params, backbone, batch, rng):
+    x0 = batch['image']
+    t, noise = draw_t_noise(rng, x0, schedule.num_steps)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    logits = gating.gate_logits(gate_params, gating.normalized_time(t, T))  # (B, K)
+    eps = model.apply({'params': backbone}, x_t, t,
+                      gates=gating.TrainingGates(logits, hard=hard), train=False)
+    mse = diffusion.eps_mse(eps, noise).mean()
+    gate_mean = jax.nn.sigmoid(logits).mean()
+    loss = mse + lam * gate_mean
+    return loss, {'mse': mse, 'gate_mean': gate_mean, 'reg': lam * gate_mean,
+                  'hard_gate_mean': (logits > 0).astype(jnp.float32).mean()}
+
+  return loss_fn
+
+
+def gates_objective(config) -> Objective:
+  """LEES: alpha, beta per unit on a frozen backbone (its EMA params); Adam on the gates only."""
+  gc = config.gates
+  if gc.form not in ('hard', 'soft'):
+    raise ValueError(f"config.gates.form must be 'hard' or 'soft', got {gc.form!r}")
+  # Fails (naming the path and what was expected) before anything touches the workdir.
+  with _quiet():
+    _, backbone = checkpoints.load_backbone_params(gc.backbone, expected_model_config=config.model)
+  backbone_dir = checkpoints.find_backbone_dir(gc.backbone)
+  model = models.build_model(config.model)
+  unit_names = [u.name for u in model.units]
+  K = len(unit_names)
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  T = schedule.num_steps
+  timesteps = sampler_timesteps(config)
+  model_cost = cost.model_cost(model.spec)
+  optimizer = optax.adam(gc.learning_rate, b1=gc.b1, b2=gc.b2)
+
+  def hard_stats(params):
+    policy = gating.LeesPolicy.from_params(jax.device_get(params), form='hard')
+    masks = policy.step_masks(timesteps, T, K)
+    return policy, masks, gating.executed_block_ratio(masks), model_cost.flop_fraction(masks)
+
+  def host_scalars(state):
+    params = jax.device_get(state['params'])
+    _, _, ratio, flops = hard_stats(params)
+    out = {'executed_ratio': ratio, 'flop_fraction': flops}
+    for k, name in enumerate(unit_names):
+      out[f'alpha/{k:02d}_{name}'] = float(params['alpha'][k])
+      out[f'beta/{k:02d}_{name}'] = float(params['beta'][k])
+    return out
+
+  def images(state):
+    if jax.process_index() != 0:
+      return {}
+    from lees_jax import report  # pylint: disable=g-import-not-at-top
+    params = jax.device_get(state['params'])
+    img = report.gate_heatmap(gating.LeesPolicy.from_params(params, form=gc.form), unit_names,
+                              num_timesteps=T, timesteps=timesteps,
+                              title=f'LEES gates, step {int(state["step"])} '
+                                    f'(lam={gc.lam}, {gc.form}; dots: executed at sampler steps)')
+    return {'gates/heatmap': img}
+
+  def finish(state, workdir):
+    if jax.process_index() != 0:
+      return
+    params = jax.device_get(state['params'])
+    policy, masks, ratio, flops = hard_stats(params)
+    summary = {
+        'format': 'lees_jax.gates', 'version': 1,
+        'alpha': [float(a) for a in np.asarray(params['alpha'])],
+        'beta': [float(b) for b in np.asarray(params['beta'])],
+        'units': unit_names, 'lam': float(gc.lam), 'form': gc.form,
+        'step': int(state['step']), 'seed': int(config.seed),
+        'executed_block_ratio': ratio, 'flop_fraction': flops,
+        'sampler': {'name': config.sampler.name, 'steps': len(timesteps),
+                    'timesteps': [int(t) for t in timesteps]},
+        'num_timesteps': T, 'backbone': backbone_dir,
+        'hard_masks': np.asarray(masks, int).tolist(),
+        'policy': gating.LeesPolicy.from_params(params, form=gc.form).to_dict(),
+        'config': config.to_dict(),
+    }
+    del policy
+    _write_json(_join(workdir, GATES_FILE), summary)
+    print(f'gates: executed-block ratio {ratio:.3f}, FLOP fraction {flops:.3f} on the '
+          f'{len(timesteps)}-step sampler; wrote {_join(workdir, GATES_FILE)}', flush=True)
+
+  return Objective(
+      name='train_gates', section=gc, num_train_steps=_num_steps(gc, config.data),
+      init_trainable=lambda rng: gating.init_gate_params(K), frozen=backbone,
+      loss_fn=gate_loss_fn(model, schedule, float(gc.lam), gc.form == 'hard'),
+      optimizer=optimizer, ema_decay=None, random_flip=False,  # paper: no augmentation
+      host_scalars=host_scalars, images=images, image_every=int(gc.get('heatmap_every', 0)),
+      finish=finish,
+      describe=f'LEES gate training: {K} units, lam={gc.lam}, {gc.form} gates, backbone '
+               f'{backbone_dir}')
+
+
+OBJECTIVES = {'pretrain': pretrain_objective, 'train_gates': gates_objective}
+
+
+# ---------------------------------------------------------------------------
+# Files (local paths or gs://, through etils.epath).
+# ---------------------------------------------------------------------------
+
+
+def _join(workdir: str, *names: str) -> str:
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return str(epath.Path(workdir).joinpath(*names))
+
+
+def _write_json(path: str, obj):
+  """Atomic (write to a temporary sibling, then rename)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  p = epath.Path(path)
+  p.parent.mkdir(parents=True, exist_ok=True)
+  tmp = p.parent / (p.name + '.tmp')
+  tmp.write_text(json.dumps(obj, indent=1))
+  tmp.replace(p)
+
+
+def load_gates(workdir: str) -> gating.LeesPolicy:
+  """The gates of a finished ``train_gates`` run (``<workdir>/gates.json``) as a LeesPolicy.
+
+  ``workdir`` may also be the path of a gates.json file.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  p = epath.Path(workdir)
+  path = p if p.name.endswith('.json') else p / GATES_FILE
+  if not path.exists():
+    raise FileNotFoundError(f'no learned gates at {path}: expected the {GATES_FILE} that a finished '
+                            '`--config.mode=train_gates` run writes into its workdir')
+  d = json.loads(path.read_text())
+  if 'alpha' not in d or 'beta' not in d:
+    raise ValueError(f'{path} is not a gates summary (no alpha/beta)')
+  return gating.LeesPolicy(np.asarray(d['alpha'], np.float32), np.asarray(d['beta'], np.float32),
+                           form=d.get('form', 'hard'), name=d.get('name', 'lees'))
+
+
+# ---------------------------------------------------------------------------
+# State and step.
+# ---------------------------------------------------------------------------
+
+
+def init_state(objective: Objective, rng: jax.Array, mesh) -> dict:
+  """{'step', 'params', 'opt_state'[, 'ema_params']}, replicated on every device of ``mesh``."""
+
+  def init():
+    params = objective.init_trainable(rng)
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+             'opt_state': objective.optimizer.init(params)}
+    if objective.ema_decay is not None:
+      state['ema_params'] = jax.tree_util.tree_map(jnp.copy, params)
+    return state
+
+  return jax.jit(init, out_shardings=data.replicated_sharding(mesh))()
+
+
+def make_train_step(objective: Objective, mesh):
+  """jit(state, frozen, batch, base_key) -> (state, metrics); batch sharded, the rest replicated.
+
+  Gradients are taken with respect to the trainable pytree only; ``frozen`` enters through
+  ``stop_gradient``, so no weight gradient of a frozen parameter is ever formed.
+  """
+  rep, bat = data.replicated_sharding(mesh), data.batch_sharding(mesh)
+  optimizer, ema_decay = objective.optimizer, objective.ema_decay
+
+  def step(state, frozen, batch, base_key):
+    rng = jax.random.fold_in(base_key, state['step'])
+    frozen = jax.lax.stop_gradient(frozen)
+
+    def loss(trainable):
+      return objective.loss_fn(trainable, frozen, batch, rng)
+
+    (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
+    updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
+    if ema_decay is not None:
+      new['ema_params'] = jax.tree_util.tree_map(
+          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state['ema_params'], params)
+    metrics = dict(metrics, loss=value, grad_norm=optax.global_norm(grads))
+    return new, metrics
+
+  return jax.jit(step, in_shardings=(rep, rep, bat, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Orbax logs every save at INFO level; keep the console to our progress lines."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(min(level, logging.WARNING))  # absl: larger is more verbose
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
+def _checkpoint_manager(workdir: str, objective: Objective):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=int(objective.section.get('keep_checkpoints', 3)), create=True,
+      enable_async_checkpointing=False, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(_join(workdir, CHECKPOINT_DIR, objective.name), options=options)
+
+
+def _restore(manager, state: dict, step: int) -> dict:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:
+    raise RuntimeError(f'cannot restore checkpoint step {step} from {manager.directory}: it does not '
+                       f'match this run\'s state (a different config in the same workdir?). Use a '
+                       f'fresh --workdir. {type(e).__name__}: {e}') from e
+
+
+def _save(manager, state: dict, step: int):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def _flat_config(config) -> dict:
+  flat = flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+
+
+def _fmt_time(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return '?'
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+def train(config, workdir: str, objective: Objective, *, mesh=None) -> dict:
+  """Runs (or resumes) ``objective`` to ``objective.num_train_steps``; returns the final state."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  data.configure_tensorflow()  # before CLU's writer imports TF: keep TF off the accelerators
+
+  section = objective.section
+  mesh = data.make_mesh() if mesh is None else mesh
+  global_batch = int(section.batch_size)
+  data.check_batch_size(global_batch, mesh)
+  num_steps = objective.num_train_steps
+  root = jax.random.PRNGKey(config.seed)
+  init_key, base_key = jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+  base_key = data.replicate(jax.device_get(base_key), mesh)
+
+  state = init_state(objective, init_key, mesh)
+  frozen = data.replicate(objective.frozen, mesh)
+  with _quiet():
+    manager = _checkpoint_manager(workdir, objective)
+    latest = manager.latest_step()
+    if latest is not None:
+      state = _restore(manager, state, latest)
+  start = int(jax.device_get(state['step']))
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main,
+                                                asynchronous=False)
+  if is_main:
+    print(f'{objective.name}: {objective.describe}', flush=True)
+    print(f'{objective.name}: {num_steps} steps at global batch {global_batch} on {mesh.size} '
+          f'device(s) / {jax.process_count()} process(es); '
+          + (f'resuming from checkpoint step {start}' if latest is not None else 'starting fresh')
+          + f'; workdir {workdir}', flush=True)
+  if latest is None:
+    writer.write_hparams(_flat_config(config))
+
+  step_fn = make_train_step(objective, mesh)
+  batches = data.train_iterator(config.data, global_batch_size=global_batch, seed=config.seed,
+                                start_step=start, random_flip=objective.random_flip)
+  log_every = max(1, int(section.log_every))
+  ckpt_every = max(1, int(section.checkpoint_every))
+  pending: list[dict] = []
+  t_last, s_last = time.perf_counter(), start
+
+  def flush(step: int):
+    """Checks the pending steps for NaN/inf, writes their mean metrics, prints progress."""
+    nonlocal pending, t_last, s_last
+    values = jax.device_get(pending)
+    first = step - len(values) + 1
+    for i, m in enumerate(values):
+      if not all(np.isfinite(np.asarray(v)).all() for v in m.values()):
+        writer.flush()
+        terms = ', '.join(f'{k}={float(v):.4g}' for k, v in sorted(m.items()))
+        raise TrainingDivergedError(
+            f'{objective.name}: non-finite loss or gradient at step {first + i} ({terms}). '
+            f'The run stopped without saving; the last good checkpoint is step '
+            f'{manager.latest_step()} in {manager.directory} (a restart resumes from it). '
+            'Check the learning rate, the input data and the backbone parameters.')
+    means = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+    now = time.perf_counter()
+    rate = (step - s_last) / max(now - t_last, 1e-9)
+    t_last, s_last = now, step
+    pending = []
+    scalars = dict(means, steps_per_sec=rate, **objective.host_scalars(
+        {'step': step, 'params': state['params']}))
+    writer.write_scalars(step, scalars)
+    if is_main:
+      terms = ' '.join(f'{k} {means[k]:.4f}' for k in sorted(means) if k != 'grad_norm')
+      extra = ''
+      if 'executed_ratio' in scalars:
+        extra = f' | executed {scalars["executed_ratio"]:.3f}'
+      print(f'[{objective.name}] step {step}/{num_steps} | {rate:.2f} steps/s | '
+            f'ETA {_fmt_time((num_steps - step) / max(rate, 1e-9))} | {terms}{extra}', flush=True)
+
+  for step in range(start, num_steps):
+    batch = data.shard_batch(next(batches), mesh)
+    state, metrics = step_fn(state, frozen, batch, base_key)
+    pending.append(metrics)
+    done = step + 1
+    last = done == num_steps
+    save = done % ckpt_every == 0 or last
+    if done % log_every == 0 or save:
+      flush(done)
+    if objective.image_every > 0 and (done % objective.image_every == 0 or last):
+      images = objective.images({'step': done, 'params': state['params']})
+      if images:
+        writer.write_images(done, {k: v[None] for k, v in images.items()})
+    if save:
+      with _quiet():
+        _save(manager, state, done)
+  with _quiet():
+    manager.wait_until_finished()
+  writer.flush()
+  objective.finish(state, workdir)  # idempotent: a restarted finished run rewrites the same files
+  writer.close()
+  with _quiet():
+    manager.close()
+  return state
+
+
+def run_objective(name: str, config, workdir: str, *, mesh=None) -> dict:
+  objective = OBJECTIVES[name](config)  # validates inputs before the workdir is touched
+  return train(config, workdir, objective, mesh=mesh)
+
+
+def pretrain(config, workdir: str):
+  """``config.mode=pretrain``: DDPM training; exports EMA params to ``<workdir>/backbone``."""
+  return run_objective('pretrain', config, workdir)
+
+
+def train_gates(config, workdir: str):
+  """``config.mode=train_gates``: LEES gates on the frozen ``config.gates.backbone``."""
+  return run_objective('train_gates', config, workdir)
