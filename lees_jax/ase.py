@@ -1,0 +1,204 @@
+"""ASE (Moon et al. 2024) drop schedules on our backbones, and the drop-length grid search.
+
+An ASE schedule says, for each of 10 equal intervals of normalised time t (interval i
+covers (i/10, (i+1)/10]), how many units are *dropped*; all units run near the data
+(t -> 0) and more are dropped towards the noise (t -> 1).
+
+Mapping to the DDPM UNet (ASE never defined one; this is ours):
+  * Units are dropped from the **end of the network backwards**, as ASE does for DiT
+    ("keep the first N blocks"). On the UNet this drops decoder (up-path) units first --
+    the 15 up-path units come last -- which is also ASE's rule for U-ViT, whose long skip
+    connections make encoder units essential. The maximum drop is capped at
+    ``max_drop_fraction`` (default: the up-path plus the last middle unit, 16 of 28).
+  * A dropped ResBlock keeps its 1x1 shortcut projection (the UNet's "linear layer on the
+    long skip", as ASE keeps for U-ViT); dropped attention is the identity.
+  * Table 5's D-n rows are stored as *drop fractions* of a 28-block DiT so that they transfer
+    to any depth: dropped_i = round(fraction_i * num_droppable).
+  * ``ase_default`` (the LEES paper's B2, "default linear drop") is D3 -- the linear
+    schedule and the released code's only one: 0, 0, 4, 4, 8, 8, 12, 12, 16, 16 of 28.
+    On the 28-unit UNet it executes 71.4 % of the (step, unit) pairs (the LEES paper reports
+    70 % for ASE-default).
+
+The grid (B3) -- "exhaustive search over drop lengths" -- is, as documented in `drop_grid`,
+the family of piecewise-constant ramps that keep everything up to a start interval and
+then drop linearly more, in pairs of intervals as all Table 5 rows do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from lees_jax import gates as gating
+
+NUM_INTERVALS = 10
+
+# Table 5 of the ASE paper: blocks kept per interval for a 28-block DiT, [0, 0.1] first.
+DIT_KEPT = {
+    'D2': (28, 28, 25, 25, 22, 22, 19, 19, 16, 16),
+    'D3': (28, 28, 24, 24, 20, 20, 16, 16, 12, 12),
+    'D4': (28, 28, 26, 24, 20, 18, 12, 10, 8, 8),
+    'D7': (28, 28, 24, 21, 18, 15, 10, 10, 8, 8),
+}
+DIT_BLOCKS = 28
+# Drop fractions of each D-n row: what transfers to other depths.
+D_FRACTIONS = {name: tuple((DIT_BLOCKS - k) / DIT_BLOCKS for k in kept)
+               for name, kept in DIT_KEPT.items()}
+DEFAULT_SCHEDULE = 'D3'
+
+
+def drop_order(num_units: int) -> list[int]:
+  """Units in the order they are dropped: from the last unit of the network backwards."""
+  return list(reversed(range(num_units)))
+
+
+def schedule_matrix(drop_fractions: Sequence[float], num_units: int,
+                    max_drop_fraction: float | None = None) -> np.ndarray:
+  """(num_units, 10) keep matrix for per-interval drop fractions (monotone check included)."""
+  fr = np.asarray(drop_fractions, np.float64)
+  if fr.shape != (NUM_INTERVALS,):
+    raise ValueError(f'an ASE schedule has {NUM_INTERVALS} drop fractions, got {fr.shape}')
+  if (fr < 0).any() or (fr > 1).any():
+    raise ValueError(f'drop fractions must be in [0, 1], got {fr.tolist()}')
+  if (np.diff(fr) < 0).any():
+    raise ValueError(f'ASE schedules drop more towards the noise: fractions must be '
+                     f'non-decreasing in t, got {fr.tolist()}')
+  dropped = np.floor(fr * num_units + 0.5).astype(int)  # round half up: 16/28 * 28 = 16 exactly
+  if max_drop_fraction is not None:
+    dropped = np.minimum(dropped, int(np.floor(max_drop_fraction * num_units + 0.5)))
+  order = drop_order(num_units)
+  keep = np.ones((num_units, NUM_INTERVALS), bool)
+  for i, n in enumerate(dropped):
+    keep[order[:n], i] = False
+  return keep
+
+
+def max_drop_fraction_for(units) -> float:
+  """Default cap: every up-path unit plus the last middle unit (the D-n maximum on the UNet)."""
+  names = [u.name for u in units]
+  droppable = sum(n.startswith('up_') for n in names) + 1
+  return min(1.0, droppable / len(names))
+
+
+def named_schedule(name: str, units, max_drop_fraction: float | None = None) -> gating.SchedulePolicy:
+  """'ase_default' or a Table 5 row ('D2', 'D3', 'D4', 'D7') as a policy for ``units``."""
+  key = DEFAULT_SCHEDULE if name == 'ase_default' else name
+  if key not in D_FRACTIONS:
+    raise ValueError(f'unknown ASE schedule {name!r}; choose ase_default or one of {sorted(D_FRACTIONS)}')
+  cap = max_drop_fraction_for(units) if max_drop_fraction is None else max_drop_fraction
+  return gating.SchedulePolicy(schedule_matrix(D_FRACTIONS[key], len(units), cap), name=name)
+
+
+# ---------------------------------------------------------------------------
+# The drop-length grid (B3).
+# ---------------------------------------------------------------------------
+
+GRID_STARTS = (0, 2, 4, 6)                       # first interval pair that drops anything
+GRID_FINAL = (1 / 7, 2 / 7, 3 / 7, 4 / 7)  # drop fraction of the last pair (4 of 28 per step, as Table 5)
+
+
+def ramp(start: int, final: float) -> tuple[float, ...]:
+  """Drop nothing before interval ``start``; then rise linearly, in pairs of intervals,
+  to ``final`` at the last pair (D3 is ramp(2, 4/7))."""
+  if start % 2 or not 0 <= start < NUM_INTERVALS:
+    raise ValueError(f'start must be an even interval index in [0, {NUM_INTERVALS}), got {start}')
+  pairs = (NUM_INTERVALS - start) // 2
+  out = []
+  for i in range(NUM_INTERVALS):
+    if i < start:
+      out.append(0.0)
+    else:
+      out.append(final * ((i - start) // 2 + 1) / pairs)
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPoint:
+  start: int
+  final: float
+
+  @property
+  def name(self) -> str:
+    return f'ase_s{self.start}_f{self.final:.2f}'
+
+  @property
+  def drop_fractions(self) -> tuple[float, ...]:
+    return ramp(self.start, self.final)
+
+
+def drop_grid(starts: Sequence[int] = GRID_STARTS,
+              finals: Sequence[float] = GRID_FINAL) -> list[GridPoint]:
+  """Every (start, final) ramp: len(starts) * len(finals) schedules, in this order."""
+  return [GridPoint(int(s), float(f)) for s, f in itertools.product(starts, finals)]
+
+
+def grid_policy(point: GridPoint, units, max_drop_fraction: float | None = None) -> gating.SchedulePolicy:
+  cap = max_drop_fraction_for(units) if max_drop_fraction is None else max_drop_fraction
+  return gating.SchedulePolicy(schedule_matrix(point.drop_fractions, len(units), cap), name=point.name)
+
+
+def pareto_front(records: Sequence[dict], cost_key: str = 'flop_fraction',
+                 quality_key: str = 'fid') -> list[dict]:
+  """Records not dominated in (lower cost, lower FID), sorted by cost."""
+  front = []
+  for r in records:
+    dominated = any(o[cost_key] <= r[cost_key] and o[quality_key] <= r[quality_key] and
+                    (o[cost_key] < r[cost_key] or o[quality_key] < r[quality_key]) for o in records)
+    if not dominated:
+      front.append(r)
+  return sorted(front, key=lambda r: r[cost_key])
+
+
+def pick_for_budget(records: Sequence[dict], budget: float, cost_key: str = 'flop_fraction',
+                    quality_key: str = 'fid') -> dict:
+  """The best-FID record whose cost is within ``budget`` (clear error if none is)."""
+  ok = [r for r in records if r[cost_key] <= budget + 1e-12]
+  if not ok:
+    cheapest = min(r[cost_key] for r in records)
+    raise ValueError(f'no grid schedule fits a compute budget of {budget:.3f} (cheapest: {cheapest:.3f}); '
+                     'raise the budget or extend the grid with larger drop fractions')
+  return min(ok, key=lambda r: (r[quality_key], r[cost_key]))
+
+
+def run_grid(points: Sequence[GridPoint], evaluate_point: Callable[[GridPoint], dict],
+             results_path: str, log: Callable[[str], None] = print) -> list[dict]:
+  """Evaluates every grid point once; finished points are kept in ``results_path`` (JSON
+  lines, appended and flushed per point) and skipped when the search is restarted."""
+  done: dict[str, dict] = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      for line_no, line in enumerate(f, 1):
+        line = line.strip()
+        if not line:
+          continue
+        try:
+          rec = json.loads(line)
+        except json.JSONDecodeError:
+          # A run killed mid-write leaves at most one partial last line: re-evaluate it.
+          log(f'ignoring an incomplete record at {results_path}:{line_no}')
+          continue
+        done[rec['name']] = rec
+    # Rewrite only the complete records, so new ones never append to a partial line.
+    with open(results_path + '.tmp', 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in done.values())
+    os.replace(results_path + '.tmp', results_path)
+  os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+  out = []
+  for n, p in enumerate(points, 1):
+    if p.name in done:
+      out.append(done[p.name])
+      continue
+    log(f'[grid {n}/{len(points)}] {p.name}: drop fractions {[round(x, 3) for x in p.drop_fractions]}')
+    rec = dict(evaluate_point(p), name=p.name, start=p.start, final=p.final,
+               drop_fractions=list(p.drop_fractions))
+    with open(results_path, 'a') as f:
+      f.write(json.dumps(rec) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+    out.append(rec)
+  return out

@@ -1,0 +1,94 @@
+"""ASE schedules against Table 5 of the ASE paper, the documented grid, and resumption."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lees_jax import ase, gates
+from lees_jax.models import unet
+
+UNITS = unet.gateable_units(unet.UNetSpec())
+
+
+@pytest.mark.parametrize('name', sorted(ase.DIT_KEPT))
+def test_fractions_on_28_blocks_reproduce_table5(name):
+  keep = ase.schedule_matrix(ase.D_FRACTIONS[name], 28)
+  assert tuple(keep.sum(axis=0)) == ase.DIT_KEPT[name]
+  # DiT keeps the first N blocks.
+  for i, n in enumerate(ase.DIT_KEPT[name]):
+    assert keep[:n, i].all() and not keep[n:, i].any()
+
+
+@pytest.mark.parametrize('name', ['ase_default', 'D2', 'D3', 'D4', 'D7'])
+def test_unet_schedules_are_monotone_and_keep_everything_near_data(name):
+  pol = ase.named_schedule(name, UNITS)
+  m = pol.matrix
+  assert m.shape == (28, 10)
+  assert m[:, 0].all()                                  # all units near t = 0
+  assert (np.diff(m.astype(int), axis=1) <= 0).all()    # once dropped, stays dropped towards noise
+  # Only up-path units and the last middle unit are ever dropped.
+  dropped = {UNITS[k].name for k in np.flatnonzero(~m.all(axis=1))}
+  assert all(n.startswith('up_') or n == 'mid_res_1' for n in dropped)
+
+
+def test_ase_default_is_d3_with_paper_block_ratio():
+  pol = ase.named_schedule('ase_default', UNITS)
+  np.testing.assert_array_equal(pol.matrix, ase.named_schedule('D3', UNITS).matrix)
+  # 50 DDPM steps: executed-block ratio 1 - mean(0,0,4,4,8,8,12,12,16,16)/28 = 71.4 %.
+  from lees_jax import diffusion
+  ts = diffusion.space_timesteps(1000, '50')
+  ratio = gates.executed_block_ratio(pol.step_masks(ts, 1000, 28))
+  assert ratio == pytest.approx(1 - 80 / 280, abs=0.01)
+
+
+def test_ramp_and_grid_are_what_the_docs_say():
+  np.testing.assert_allclose(ase.ramp(2, 4 / 7), ase.D_FRACTIONS['D3'])
+  grid = ase.drop_grid()
+  assert len(grid) == len(ase.GRID_STARTS) * len(ase.GRID_FINAL) == 16
+  assert len({p.name for p in grid}) == len(grid)
+  for p in grid:
+    fr = np.array(p.drop_fractions)
+    assert (fr[:p.start] == 0).all() and fr[p.start] > 0
+    assert fr[-1] == pytest.approx(p.final)
+    assert (fr[0::2] == fr[1::2]).all()  # pairs of intervals share a count
+    assert (np.diff(fr) >= 0).all()
+  with pytest.raises(ValueError, match='non-decreasing'):
+    ase.schedule_matrix([0.5] + [0.0] * 9, 28)
+
+
+def test_pareto_and_budget():
+  recs = [{'name': 'a', 'flop_fraction': 0.9, 'fid': 3.0}, {'name': 'b', 'flop_fraction': 0.7, 'fid': 3.5},
+          {'name': 'c', 'flop_fraction': 0.8, 'fid': 3.6}, {'name': 'd', 'flop_fraction': 0.6, 'fid': 5.0}]
+  assert [r['name'] for r in ase.pareto_front(recs)] == ['d', 'b', 'a']
+  assert ase.pick_for_budget(recs, 0.85)['name'] == 'b'
+  with pytest.raises(ValueError, match='budget'):
+    ase.pick_for_budget(recs, 0.5)
+
+
+def test_killed_grid_search_resumes_without_reevaluating(tmp_path):
+  points = ase.drop_grid()[:6]
+  fake_fid = {p.name: 3 + p.final * 5 - p.start * 0.1 for p in points}
+  calls = []
+
+  class Killed(Exception):
+    pass
+
+  def evaluate(p, die_after=None):
+    if die_after is not None and len(calls) == die_after:
+      raise Killed()
+    calls.append(p.name)
+    return {'fid': fake_fid[p.name], 'flop_fraction': 1 - p.final / 2}
+
+  path = str(tmp_path / 'grid.jsonl')
+  with pytest.raises(Killed):
+    ase.run_grid(points, lambda p: evaluate(p, die_after=3), path, log=lambda s: None)
+  with open(path, 'a') as f:
+    f.write('{"name": "partial')  # a write cut off by the kill
+  first = list(calls)
+  recs = ase.run_grid(points, evaluate, path, log=lambda s: None)
+  assert calls[:3] == first and len(calls) == 6  # the 3 finished points were not redone
+  uninterrupted = ase.run_grid(points, evaluate, str(tmp_path / 'other.jsonl'), log=lambda s: None)
+  assert [r['name'] for r in ase.pareto_front(recs)] == [r['name'] for r in ase.pareto_front(uninterrupted)]
+  with open(path) as f:
+    assert [json.loads(line)['name'] for line in f] == [p.name for p in points]
