@@ -29,6 +29,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -152,12 +155,19 @@ def pretrain_objective(config) -> Objective:
   def finish(state, workdir):
     if jax.process_index() != 0:
       return
+    target = _join(workdir, 'backbone')
+    local = tempfile.mkdtemp(prefix='lees_backbone_') if _is_remote(workdir) else None
     with _quiet():
       path = checkpoints.save_backbone(
-          _join(workdir, 'backbone'), jax.device_get(state['ema_params']), config.model,
+          os.path.join(local, 'backbone') if local else target,
+          jax.device_get(state['ema_params']), config.model,
           diffusion_config=config.diffusion, overwrite=True, source='lees_jax pretrain',
           step=int(state['step']), seed=int(config.seed), params_kind='ema',
           ema_decay=float(pc.ema_decay))
+    if local:  # gs://...: written locally (atomically), then copied up
+      _copy_tree(path, target, replace=True)
+      shutil.rmtree(local, ignore_errors=True)
+      path = target
     print(f'exported EMA parameters (step {int(state["step"])}) to {path}', flush=True)
 
   return Objective(
@@ -189,15 +199,26 @@ def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool):
   return loss_fn
 
 
-def gates_objective(config) -> Objective:
-  """LEES: alpha, beta per unit on a frozen backbone (its EMA params); Adam on the gates only."""
+def gates_objective(config, backbone: Pytree | None = None) -> Objective:
+  """LEES: alpha, beta per unit on a frozen backbone (its EMA params); Adam on the gates only.
+
+  The backbone is read from ``config.gates.backbone`` unless ``backbone`` params are given
+  (benchmarks, tests).
+  """
   gc = config.gates
   if gc.form not in ('hard', 'soft'):
     raise ValueError(f"config.gates.form must be 'hard' or 'soft', got {gc.form!r}")
-  # Fails (naming the path and what was expected) before anything touches the workdir.
-  with _quiet():
-    _, backbone = checkpoints.load_backbone_params(gc.backbone, expected_model_config=config.model)
-  backbone_dir = checkpoints.find_backbone_dir(gc.backbone)
+  if backbone is None:
+    # Fails (naming the path and what was expected) before anything touches the workdir.
+    source = _localize_backbone(gc.backbone) if _is_remote(gc.backbone) else gc.backbone
+    with _quiet():
+      _, backbone = checkpoints.load_backbone_params(source, expected_model_config=config.model)
+    backbone_dir = checkpoints.find_backbone_dir(source)
+    if source != gc.backbone:
+      shutil.rmtree(os.path.dirname(source), ignore_errors=True)
+      backbone_dir = gc.backbone
+  else:
+    backbone_dir = '<given parameters>'
   model = models.build_model(config.model)
   unit_names = [u.name for u in model.units]
   K = len(unit_names)
@@ -288,6 +309,37 @@ def _write_json(path: str, obj):
   tmp = p.parent / (p.name + '.tmp')
   tmp.write_text(json.dumps(obj, indent=1))
   tmp.replace(p)
+
+
+def _is_remote(path: str) -> bool:
+  return '://' in str(path)
+
+
+def _copy_tree(src: str, dst: str, replace: bool = False):
+  """Recursive copy through tf.io.gfile (local <-> gs://)."""
+  tf = data.configure_tensorflow()
+  if replace and tf.io.gfile.exists(dst):
+    tf.io.gfile.rmtree(dst)
+  src = src.rstrip('/')
+  for root, _, files in tf.io.gfile.walk(src):
+    rel = root[len(src):].lstrip('/')
+    out = f'{dst.rstrip("/")}/{rel}' if rel else dst
+    tf.io.gfile.makedirs(out)
+    for f in files:
+      tf.io.gfile.copy(f'{root.rstrip("/")}/{f}', f'{out.rstrip("/")}/{f}', overwrite=True)
+
+
+def _localize_backbone(path: str) -> str:
+  """Copies a remote (gs://) backbone directory to a local temporary directory."""
+  tf = data.configure_tensorflow()
+  for cand in (path, f'{path.rstrip("/")}/backbone'):
+    if tf.io.gfile.exists(f'{cand.rstrip("/")}/{checkpoints.META_FILE}'):
+      local = os.path.join(tempfile.mkdtemp(prefix='lees_backbone_'), 'backbone')
+      _copy_tree(cand, local)
+      return local
+  raise checkpoints.BackboneError(
+      f'no backbone checkpoint at {path!r}: expected {checkpoints.META_FILE} and params/ in it or '
+      f'in {path.rstrip("/")}/backbone')
 
 
 def load_gates(workdir: str) -> gating.LeesPolicy:
