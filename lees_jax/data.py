@@ -268,3 +268,28 @@ def replicate(tree: Any, mesh: Mesh):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree_util.tree_map(put, tree)
+
+
+def split_images(data_config, split: str) -> np.ndarray:
+  """Every image of ``split`` as uint8 (N, 32, 32, 3), in dataset order (FID references)."""
+  _check_dataset(data_config.dataset)
+  if data_config.dataset == SUBSET:
+    images = load_subset(split, data_config.get('subset_path', ''))[0]
+    return images[_split_slice(split, images.shape[0])]
+  configure_tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  ds = tfds.load(data_config.dataset, split=split, data_dir=data_config.data_dir or None,
+                 batch_size=-1, shuffle_files=False)
+  return np.asarray(tfds.as_numpy(ds)['image'], np.uint8)
+
+
+def _split_slice(split: str, n: int) -> slice:
+  """The slice of a TFDS-style split string: 'test' -> all, 'test[:64]', 'train[100:200]'."""
+  if '[' not in split:
+    return slice(None)
+  inner = split[split.index('[') + 1:split.rindex(']')]
+  try:
+    a, _, b = inner.partition(':')
+    return slice(int(a) if a else None, int(b) if b else None)
+  except ValueError:
+    raise ValueError(f'unsupported split slice {split!r}; use e.g. test[:64] or train[100:200]') from None

@@ -26,6 +26,8 @@ MODES = {
     'describe': ('lees_jax.cost', 'describe'),
     'pretrain': ('lees_jax.train', 'pretrain'),
     'train_gates': ('lees_jax.train', 'train_gates'),
+    'evaluate': ('lees_jax.evaluate', 'evaluate'),
+    'ase_grid': ('lees_jax.evaluate', 'ase_grid'),
 }
 
 

@@ -81,3 +81,57 @@ def save_png(image: np.ndarray, path: str):
   buf = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(buf, format='PNG')
   epath.Path(path).write_bytes(buf.getvalue())
+
+
+def image_grid(images: np.ndarray, ncol: int = 10, pad: int = 2) -> np.ndarray:
+  """uint8 (N, H, W, 3) images tiled into one uint8 RGB grid, ``ncol`` per row."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.dtype != np.uint8:
+    raise ValueError(f'expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}')
+  n, h, w, c = images.shape
+  ncol = max(1, min(ncol, n))
+  nrow = -(-n // ncol)
+  grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, ncol)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = img
+  return grid if c == 3 else np.repeat(grid[..., :1], 3, axis=-1)
+
+
+def mask_heatmap(masks: np.ndarray, unit_names: Sequence[str], timesteps: Sequence[int], *,
+                 num_timesteps: int = 1000, title: str = '') -> np.ndarray:
+  """uint8 RGB image of which units (rows) run at which sampler step (columns, noise on the
+  right, as normalised time grows): any hard policy, LEES or schedule."""
+  masks = np.asarray(masks, bool)
+  steps, k = masks.shape
+  if len(unit_names) != k or len(timesteps) != steps:
+    raise ValueError(f'masks {masks.shape} do not match {len(unit_names)} units x {len(timesteps)} steps')
+  tn = (np.asarray(timesteps, np.float64) + 1.0) / num_timesteps
+  order = np.argsort(tn)
+  fig = _figure(8.0, 1.2 + 0.22 * k)
+  ax = fig.add_subplot(1, 1, 1)
+  ax.imshow(masks[order].T, aspect='auto', cmap='Greens', vmin=0, vmax=1, interpolation='nearest',
+            extent=(tn.min(), tn.max(), k - 0.5, -0.5))
+  ax.set_yticks(range(k))
+  ax.set_yticklabels(list(unit_names), fontsize=6)
+  ax.set_xlabel('normalised time t of the sampler step (0: data, 1: noise); green = executed')
+  ax.set_title(title or f'executed units: {masks.mean():.1%} of (step, unit) pairs', fontsize=9)
+  fig.tight_layout()
+  return _to_rgb(fig)
+
+
+def pareto_plot(records: Sequence[dict], front: Sequence[dict], pick: dict | None = None, *,
+                x_key: str = 'flop_fraction', y_key: str = 'fid', title: str = 'ASE drop-length grid') -> np.ndarray:
+  """FID against FLOP fraction of grid points, the Pareto set joined, the pick circled."""
+  fig = _figure(6.0, 4.0)
+  ax = fig.add_subplot(1, 1, 1)
+  ax.scatter([r[x_key] for r in records], [r[y_key] for r in records], s=14, c='0.6', label='grid')
+  ax.plot([r[x_key] for r in front], [r[y_key] for r in front], 'o-', c='C0', ms=4, label='Pareto set')
+  if pick is not None:
+    ax.scatter([pick[x_key]], [pick[y_key]], s=120, facecolors='none', edgecolors='C3', label='pick')
+  ax.set_xlabel(x_key.replace('_', ' '))
+  ax.set_ylabel(y_key.upper())
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return _to_rgb(fig)

@@ -1,0 +1,293 @@
+"""``config.mode=evaluate``: sample each policy, measure quality (FID) and speed.
+
+For every policy in ``config.eval.policies`` and every seed in ``config.eval.seeds``:
+generate ``num_samples`` images with the configured sampler, compute FID against the
+reference split's statistics (cached), time a 100-image batch (median over repeats after
+a warm-up, ``block_until_ready``), and record the executed-block ratio and FLOP fraction.
+
+Policy specs (strings, so they fit a locked config and a command line):
+  full                      every unit at every step (B1)
+  ase:<name>                an ASE schedule: ase_default (B2), D2, D3, D4, D7
+  ase_grid:<grid.jsonl>[@b] the best grid schedule within FLOP budget b (default
+                            config.eval.ase_budget; B3, see ase.py)
+  lees:<gates workdir>      learned gates, hard (the workdir of a train_gates run)
+  lees_soft:<gates workdir> the same gates used soft (units blended by g_k(t))
+  random:<fraction>[:<seed>] random fixed gates executing about that block fraction (A3)
+
+Writes ``W/eval/results.json`` (a list of records; finished records are kept and skipped
+on restart), CLU summaries in ``W/eval``, a sample grid PNG per policy and a heat-map
+PNG of executed units per gated policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from lees_jax import ase, checkpoints, models, samplers
+from lees_jax import gates as gating
+
+RESULT_KEYS = ('policy', 'seed', 'sampler', 'steps', 'num_samples', 'fid', 'latency_ms_per_100',
+               'images_per_s', 'block_ratio', 'flop_fraction')
+
+
+@dataclasses.dataclass
+class ResolvedPolicy:
+  name: str
+  policy: gating.Policy
+  params: object = None  # a backbone replacing the default one (e.g. a fine-tuned one)
+
+
+def _safe_name(spec: str) -> str:
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', spec).strip('_')
+
+
+def resolve_policy(spec: str, model, *, default_budget: float = 0.75) -> ResolvedPolicy:
+  """Turns a policy spec string into a policy (clear errors for bad specs)."""
+  kind, _, arg = spec.partition(':')
+  units = model.units
+  if kind == 'full':
+    return ResolvedPolicy('full', gating.FullPolicy())
+  if kind == 'ase':
+    return ResolvedPolicy(arg or 'ase_default', ase.named_schedule(arg or 'ase_default', units))
+  if kind == 'ase_grid':
+    path, _, budget = arg.partition('@')
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'policy {spec!r}: no grid results at {path!r}; run the ASE grid search '
+                              '(config.mode=ase_grid) first')
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+    best = ase.pick_for_budget(records, float(budget) if budget else default_budget)
+    point = ase.GridPoint(int(best['start']), float(best['final']))
+    return ResolvedPolicy('ase_grid', ase.grid_policy(point, units))
+  if kind in ('lees', 'lees_soft'):
+    from lees_jax import train  # imports optax/orbax only when LEES gates are evaluated
+    pol = train.load_gates(arg)
+    form = 'soft' if kind == 'lees_soft' else 'hard'
+    name = f'{kind}_{os.path.basename(os.path.normpath(arg))}'
+    return ResolvedPolicy(name, gating.LeesPolicy(pol.alpha, pol.beta, form=form, name=name))
+  if kind == 'random':
+    frac, _, seed = arg.partition(':')
+    try:
+      frac_f = float(frac)
+    except ValueError:
+      raise ValueError(f'policy {spec!r}: expected random:<fraction>[:<seed>]') from None
+    p = gating.random_gate_params(int(seed or 0), len(units), frac_f)
+    return ResolvedPolicy(f'random_{frac_f:g}', gating.LeesPolicy(p['alpha'], p['beta'],
+                                                                  name=f'random_{frac_f:g}'))
+  raise ValueError(f'unknown policy spec {spec!r}; expected full, ase:<name>, ase_grid:<file>[@budget], '
+                   'lees:<dir>, lees_soft:<dir> or random:<fraction>[:<seed>]')
+
+
+def _write_json_atomic(path: str, obj):
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
+def load_results(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); move it away to start the evaluation afresh') from e
+
+
+def time_batch(program: samplers.SampleProgram, params, repeats: int) -> float:
+  """Median wall time (ms) of one sampler call after a warm-up, synchronised on the result."""
+  rng = jax.random.PRNGKey(12345)
+  program(params, rng).block_until_ready()
+  times = []
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    program(params, rng).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) * 1e3
+
+
+def generate(program: samplers.SampleProgram, params, num_samples: int, seed: int,
+             label: str = '') -> np.ndarray:
+  """``num_samples`` uint8 images; batch b uses the key fold_in(PRNGKey(seed), b)."""
+  base = jax.random.PRNGKey(seed)
+  n_batches = -(-num_samples // program.batch_size)
+  out, t0 = [], time.perf_counter()
+  for b in range(n_batches):
+    x = program(params, jax.random.fold_in(base, b))
+    out.append(samplers.to_uint8(x))
+    done = min((b + 1) * program.batch_size, num_samples)
+    elapsed = time.perf_counter() - t0
+    eta = elapsed / (b + 1) * (n_batches - b - 1)
+    print(f'  [{label}] {done}/{num_samples} samples  {elapsed:6.1f}s elapsed  ETA {eta:6.1f}s',
+          flush=True)
+  return np.concatenate(out)[:num_samples]
+
+
+class Evaluator:
+  """What every evaluation shares: backbone, sampler, FID network and reference statistics.
+
+  Used by ``evaluate``, the ASE grid search and the experiment harness.
+  """
+
+  def __init__(self, config, out_dir: str, *, backbone: str | None = None):
+    from lees_jax import data
+    from lees_jax import fid as fid_lib
+
+    self.config = config
+    ev = config.eval
+    self.backbone_path = backbone or ev.backbone or config.gates.backbone
+    _, self.params = checkpoints.load_backbone_params(self.backbone_path, config.model)
+    self.model = models.build_model(config.model, dtype=config.sampler.dtype)
+    self.solver = samplers.solver_from_config(config.diffusion, config.sampler)
+    self.mesh = samplers.batch_mesh() if jax.device_count() > 1 else None
+    self.out_dir = out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    self.fid = fid_lib
+    self.extractor = fid_lib.FeatureExtractor(ev.fid_weights or None, batch_size=ev.fid_batch_size)
+    ref_images = data.split_images(config.data, ev.reference_split)
+    ref_cache = os.path.join(out_dir, f'ref_stats_{config.data.dataset}_{_safe_name(ev.reference_split)}.npz')
+    self.ref_stats = fid_lib.load_or_compute_reference_stats(ref_images, ref_cache, extractor=self.extractor)
+    self.reference = f'{config.data.dataset}/{ev.reference_split}'
+    print(f'FID reference: {self.reference}, {self.ref_stats.count} images')
+
+  def program(self, policy: gating.Policy, batch_size: int) -> samplers.SampleProgram:
+    path = 'soft' if policy.soft else self.config.sampler.path
+    return samplers.compile_sampler(self.model, self.solver, policy, batch_size, path=path, mesh=self.mesh)
+
+  def run(self, resolved: ResolvedPolicy, seed: int, num_samples: int, *,
+          program: samplers.SampleProgram | None = None, time_it: bool = True):
+    """Samples, FID and timing of one (policy, seed). Returns (record, images, program)."""
+    ev = self.config.eval
+    policy = resolved.policy
+    params = resolved.params if resolved.params is not None else self.params
+    if program is None:
+      program = self.program(policy, self.config.sampler.batch_size)
+      print(f'policy {resolved.name}: path {program.path}, {len(program.segments)} segments, '
+            f'executed blocks {program.block_ratio:.1%}, FLOPs {program.flop_fraction:.1%}')
+    images = generate(program, params, int(num_samples), int(seed), resolved.name)
+    stats = self.fid.compute_statistics(images, extractor=self.extractor)
+    fid_value = self.fid.fid_from_statistics(stats, self.ref_stats)
+    rec = dict(policy=resolved.name, seed=int(seed), sampler=self.solver.name, steps=self.solver.num_steps,
+               num_samples=int(num_samples), fid=fid_value, block_ratio=program.block_ratio,
+               flop_fraction=program.flop_fraction, path=program.path, segments=len(program.segments),
+               reference=self.reference, reference_count=self.ref_stats.count,
+               dtype=self.config.sampler.dtype, device=str(jax.devices()[0].device_kind),
+               num_devices=jax.device_count())
+    if time_it:
+      timing = program if program.batch_size == ev.latency_batch else self.program(policy, ev.latency_batch)
+      latency = time_batch(timing, params, ev.latency_repeats) * 100.0 / ev.latency_batch
+      rec.update(latency_ms_per_100=latency, images_per_s=100.0 / (latency / 1e3),
+                 latency_batch=int(ev.latency_batch))
+    return rec, images, program
+
+  def save_pictures(self, resolved: ResolvedPolicy, images: np.ndarray, program: samplers.SampleProgram):
+    """A sample grid, and for gated policies a heat-map of the executed units."""
+    from lees_jax import report
+    name = _safe_name(resolved.name)
+    report.save_png(report.image_grid(images[:min(100, len(images))]),
+                    os.path.join(self.out_dir, f'samples_{name}.png'))
+    policy = resolved.policy
+    if isinstance(policy, gating.FullPolicy):
+      return
+    unit_names = [u.name for u in self.model.units]
+    if isinstance(policy, gating.LeesPolicy):
+      img = report.gate_heatmap(policy, unit_names, timesteps=self.solver.timesteps,
+                                title=f'{resolved.name}: g_k(t), dots = executed')
+    else:
+      img = report.mask_heatmap(program.masks, unit_names, self.solver.timesteps,
+                                title=f'{resolved.name}: executed units')
+    report.save_png(img, os.path.join(self.out_dir, f'gates_{name}.png'))
+
+
+def _done(results: list[dict], key: dict) -> bool:
+  return any(all(r.get(k) == v for k, v in key.items()) for r in results)
+
+
+def evaluate(config, workdir: str) -> list[dict]:
+  """``config.mode=evaluate``."""
+  ev = config.eval
+  out_dir = os.path.join(workdir, 'eval')
+  results_path = os.path.join(out_dir, 'results.json')
+  results = load_results(results_path)
+  evaluator = Evaluator(config, out_dir)
+  writer = None
+  try:
+    from clu import metric_writers
+    writer = metric_writers.create_default_writer(out_dir, just_logging=jax.process_index() > 0)
+  except ImportError:  # CLU is optional for evaluation (e.g. on accelerator images without TF)
+    pass
+
+  for spec in ev.policies:
+    resolved = resolve_policy(spec, evaluator.model, default_budget=ev.ase_budget)
+    program = None
+    for seed in ev.seeds:
+      key = dict(policy=resolved.name, seed=int(seed), sampler=evaluator.solver.name,
+                 steps=evaluator.solver.num_steps, num_samples=int(ev.num_samples))
+      if _done(results, key):
+        print(f'{resolved.name} seed {seed}: done earlier, skipping')
+        continue
+      rec, images, program = evaluator.run(resolved, seed, ev.num_samples, program=program)
+      rec['policy_spec'] = spec
+      results.append(rec)
+      _write_json_atomic(results_path, results)
+      print(f'{resolved.name} seed {seed}: FID {rec["fid"]:.3f}  {rec["latency_ms_per_100"]:.1f} ms/100 '
+            f'images  blocks {rec["block_ratio"]:.1%}  FLOPs {rec["flop_fraction"]:.1%}', flush=True)
+      if writer is not None:
+        writer.write_scalars(int(seed), {f'{resolved.name}/{k}': rec[k] for k in RESULT_KEYS[5:]})
+      if seed == ev.seeds[0]:
+        evaluator.save_pictures(resolved, images, program)
+  if writer is not None:
+    writer.flush()
+  print_table(results)
+  return results
+
+
+def ase_grid(config, workdir: str) -> list[dict]:
+  """``config.mode=ase_grid``: ASE drop-length grid search (B3), resumable.
+
+  Evaluates every schedule of `ase.drop_grid` with FID on ``config.ase.grid_num_samples``
+  samples and its FLOP fraction; writes ``W/ase_grid/grid.jsonl`` (one record per point),
+  ``pareto.json``, ``pareto.csv``, ``pareto.png`` and the pick for ``config.eval.ase_budget``.
+  """
+  out_dir = os.path.join(workdir, 'ase_grid')
+  evaluator = Evaluator(config, out_dir)
+  seed = int(config.ase.grid_seed)
+
+  def evaluate_point(point):
+    resolved = ResolvedPolicy(point.name, ase.grid_policy(point, evaluator.model.units))
+    rec, _, _ = evaluator.run(resolved, seed, config.ase.grid_num_samples, time_it=False)
+    return rec
+
+  records = ase.run_grid(ase.drop_grid(config.ase.grid_starts, config.ase.grid_finals), evaluate_point,
+                         os.path.join(out_dir, 'grid.jsonl'))
+  front = ase.pareto_front(records)
+  pick = ase.pick_for_budget(records, config.eval.ase_budget)
+  _write_json_atomic(os.path.join(out_dir, 'pareto.json'),
+                     {'pareto': front, 'budget': config.eval.ase_budget, 'pick': pick})
+  with open(os.path.join(out_dir, 'pareto.csv'), 'w') as f:
+    f.write('name,start,final,flop_fraction,block_ratio,fid,on_pareto\n')
+    names = {r['name'] for r in front}
+    for r in records:
+      f.write(f'{r["name"]},{r["start"]},{r["final"]:.4f},{r["flop_fraction"]:.4f},'
+              f'{r["block_ratio"]:.4f},{r["fid"]:.4f},{int(r["name"] in names)}\n')
+  from lees_jax import report
+  report.save_png(report.pareto_plot(records, front, pick), os.path.join(out_dir, 'pareto.png'))
+  print(f'ASE grid: {len(records)} schedules, Pareto set {[r["name"] for r in front]}; '
+        f'pick for FLOP budget {config.eval.ase_budget}: {pick["name"]} (FID {pick["fid"]:.3f}, '
+        f'FLOPs {pick["flop_fraction"]:.1%})')
+  return records
+
+
+def print_table(results: list[dict]):
+  print(f'\n{"policy":<28} {"seed":>4} {"FID":>8} {"ms/100":>9} {"img/s":>8} {"blocks":>7} {"FLOPs":>7}')
+  for r in results:
+    print(f'{r["policy"]:<28} {r["seed"]:>4} {r["fid"]:>8.3f} {r["latency_ms_per_100"]:>9.1f} '
+          f'{r["images_per_s"]:>8.1f} {r["block_ratio"]:>7.1%} {r["flop_fraction"]:>7.1%}')
