@@ -94,7 +94,11 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.ase.update(grid_starts=(2, 6), grid_finals=(2 / 7, 4 / 7), grid_num_samples=8)
   elif preset == 'quickstart':
     c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
-                   num_groups=8, dropout=0.1)
+                   num_groups=8, dropout=0.0)
     c.data.dataset = 'cifar10_subset'
+    # How the shipped backbone (lees_jax/data/quickstart_backbone) was trained on CPU: a
+    # small model, a short run, so a higher learning rate and a short EMA horizon.
+    c.pretrain.update(batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
+                      num_train_steps=1800, log_every=50, checkpoint_every=100)
     c.sampler.update(steps=50, batch_size=100)
   return c
