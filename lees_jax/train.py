@@ -153,7 +153,15 @@ def pretrain_objective(config) -> Objective:
     return {'learning_rate': float(lr(int(state['step'])))}
 
   def finish(state, workdir):
-    if jax.process_index() != 0:
+    if jax.process_count() > 1:
+      # checkpoints.save_backbone's orbax checkpointer synchronises all processes, so it cannot
+      # run on process 0 alone; the EMA parameters are safe in the last checkpoint.
+      if jax.process_index() == 0:
+        print(f'multi-process run: the EMA parameters are in the step-{int(state["step"])} '
+              f'checkpoint under {_join(workdir, CHECKPOINT_DIR, "pretrain")}. Export them to '
+              f'{_join(workdir, "backbone")} by running the same pretrain command once in a single '
+              'process (it restores the final checkpoint, trains no further and exports).',
+              flush=True)
       return
     target = _join(workdir, 'backbone')
     local = tempfile.mkdtemp(prefix='lees_backbone_') if _is_remote(workdir) else None
@@ -520,6 +528,7 @@ def train(config, workdir: str, objective: Objective, *, mesh=None) -> dict:
     means = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
     now = time.perf_counter()
     rate = (step - s_last) / max(now - t_last, 1e-9)
+    first_interval = s_last == start
     t_last, s_last = now, step
     pending = []
     scalars = dict(means, steps_per_sec=rate, **objective.host_scalars(
@@ -530,7 +539,8 @@ def train(config, workdir: str, objective: Objective, *, mesh=None) -> dict:
       extra = ''
       if 'executed_ratio' in scalars:
         extra = f' | executed {scalars["executed_ratio"]:.3f}'
-      print(f'[{objective.name}] step {step}/{num_steps} | {rate:.2f} steps/s | '
+      note = ' (incl. compilation)' if first_interval else ''
+      print(f'[{objective.name}] step {step}/{num_steps} | {rate:.2f} steps/s{note} | '
             f'ETA {_fmt_time((num_steps - step) / max(rate, 1e-9))} | {terms}{extra}', flush=True)
 
   for step in range(start, num_steps):
