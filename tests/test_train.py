@@ -379,3 +379,15 @@ def test_one_vs_four_devices_same_gate_update(pretrained, compile_cache):
     assert np.any(np.asarray(one[name]) != 0)
     np.testing.assert_allclose(four[name], one[name], atol=1e-6, rtol=0)
   np.testing.assert_allclose(four['loss'], one['loss'], rtol=1e-6)
+
+
+def test_partition_and_merge_split_a_parameter_tree(tiny_model):
+  """The trainable-subset helpers a fine-tuning objective (e.g. ASE) plugs into the loop with."""
+  _, params = tiny_model
+  trainable, frozen = train.partition(params, lambda path, leaf: path[0].startswith('up_'))
+  assert trainable and frozen
+  assert all(k.startswith('up_') for k in trainable)
+  assert not any(k.startswith('up_') for k in frozen)
+  merged = train.merge(trainable, frozen)
+  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(dict(params))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, merged, dict(params))
