@@ -20,7 +20,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     raise ValueError(f'unknown preset {preset!r} for configs/cifar10.py; choose one of {PRESETS}')
   c = ml_collections.ConfigDict()
   c.preset = preset
-  c.mode = 'describe'
+  c.mode = 'experiment'  # the paper's study; other modes: see lees_jax/main.py MODES
   c.seed = 0
 
   # The DDPM CIFAR-10 UNet (Ho et al. 2020): 35,746,307 parameters.
@@ -80,6 +80,49 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       grid_starts=(0, 2, 4, 6), grid_finals=(1 / 7, 2 / 7, 3 / 7, 4 / 7),
       grid_num_samples=2000, grid_seed=0))
 
+  # ASE fine-tuning (config.mode=ase_finetune, lees_jax/train.py:ase_objective): the backbone
+  # trained under a fixed ASE schedule, as the ASE paper does (§3.3, §4, Algorithm 1).
+  c.ase_ft = ml_collections.ConfigDict(dict(
+      backbone='',            # '' = config.gates.backbone (its EMA params start training and EMA)
+      schedule='ase_default', # ase_default | D2 | D3 | D4 | D7 | a grid point (ase_s2_f0.57) |
+                              # <grid.jsonl>[@budget] | <schedule.json> (see resolve_ase_schedule)
+      learning_rate=2e-5,     # AdamW; the paper's 2e-5 (the released code uses 1e-5)
+      lr_schedule='constant', # 'constant' (DiT) or 'cosine' (the paper's U-ViT runs)
+      weight_decay=0.0, b1=0.9, b2=0.999, grad_clip=0.0,  # grad_clip <= 0: none
+      batch_size=128,         # the paper's U-ViT batch (DiT: 64)
+      ema_decay=0.9999,
+      num_train_steps=40_000, # the paper's D1-U-ViT: 40K x 128 (8% of its pretraining)
+      num_epochs=-1.0,        # used only when num_train_steps <= 0
+      reweight='paper',       # lambda(t): 'paper' = 1 + reweight_coef * t for reweight_steps
+      reweight_coef=1.0,      #   steps, then 1 (our reading of §3.3); 'none' = 1 (released code)
+      reweight_steps=20_000,
+      freeze_time_embedding=False,  # True: temb_dense_* stay bitwise fixed
+      # Dropout: config.model.dropout, in train mode (the paper fine-tunes normally).
+      log_every=100, checkpoint_every=2000, keep_checkpoints=3))
+
+  # The paper's study (config.mode=experiment, lees_jax/experiment.py): B1-B3, the LEES λ sweep
+  # and A1-A3, each over every seed (gate-training seed = sampling seed), statistics, CIFAR-10-C
+  # robustness and W/report/report.md.
+  c.experiment = ml_collections.ConfigDict(dict(
+      lams=(0.01, 0.05, 0.1), main_lam=0.05, seeds=(0, 1, 2, 3, 4),
+      baselines=('full', 'ase_default', 'ase_grid'),  # B1, B2, B3
+      ablations=('soft', 'lam0', 'random'),            # A1, A2, A3
+      num_samples=-1,      # FID samples per cell; -1 = config.eval.num_samples
+      reference_split='',  # FID reference; '' = config.eval.reference_split
+      ase_budget=-1.0,     # B3 FLOP budget; <= 0: the mean FLOP fraction of LEES main_lam
+      fid_method='sqrtm',  # 'sqrtm' (published numbers) or 'svd' (fast, exact for PSD)
+      robustness=True, robustness_dataset='cifar10_corrupted', severity=3,
+      corruptions=('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'motion_blur',
+                   'zoom_blur', 'snow', 'frost', 'fog', 'brightness', 'contrast',
+                   'elastic_transform', 'pixelate', 'jpeg_compression'),
+      robustness_split='test', robustness_reference_size=10_000,
+      robustness_num_samples=-1,  # -1: all of the cell's samples
+      robustness_seeds=(),        # () = every seed
+      kl_threshold=0.05,   # gate convergence: successive-snapshot KL below this
+      overhead_steps=10,   # timed pretraining steps for "one backbone epoch" (0: skip)
+      sample_grid=100,     # samples saved per cell
+      report_only=False))  # True: rebuild summary.json and the report from the cells' files
+
   if preset == 'tiny':
     c.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), num_groups=8,
                    dropout=0.0)
@@ -92,6 +135,12 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.eval.update(num_samples=8, latency_batch=4, latency_repeats=1, fid_batch_size=8,
                   reference_split='test[:64]')
     c.ase.update(grid_starts=(2, 6), grid_finals=(2 / 7, 4 / 7), grid_num_samples=8)
+    c.ase_ft.update(batch_size=8, num_train_steps=20, reweight_steps=10, learning_rate=1e-3,
+                    ema_decay=0.9, log_every=5, checkpoint_every=10)
+    c.experiment.update(lams=(0.05, 0.1), seeds=(0, 1), robustness=False,  # no network: no CIFAR-10-C
+                        corruptions=('gaussian_noise', 'fog'), robustness_reference_size=16,
+                        reference_split='test[:16]', fid_method='svd', overhead_steps=2,
+                        sample_grid=8)
   elif preset == 'quickstart':
     c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
                    num_groups=8, dropout=0.0)
@@ -99,6 +148,10 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     # How the shipped backbone (lees_jax/data/quickstart_backbone) was trained on CPU: a
     # small model, a short run, so a higher learning rate and a short EMA horizon.
     c.pretrain.update(batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
-                      num_train_steps=1800, log_every=50, checkpoint_every=100)
+                      num_train_steps=1200, log_every=50, checkpoint_every=100)
     c.sampler.update(steps=50, batch_size=100)
+    # The study in ~12 minutes on 2 CPU cores (timed: see README): B1, B2, LEES λ=0.05, one seed.
+    c.experiment.update(lams=(0.05,), seeds=(0,), baselines=('full', 'ase_default'), ablations=(),
+                        num_samples=500, reference_split='test[:500]', robustness=False,
+                        fid_method='svd', overhead_steps=3)
   return c

@@ -28,6 +28,7 @@ MODES = {
     'train_gates': ('lees_jax.train', 'train_gates'),
     'evaluate': ('lees_jax.evaluate', 'evaluate'),
     'ase_grid': ('lees_jax.evaluate', 'ase_grid'),
+    'experiment': ('lees_jax.experiment', 'experiment'),
 }
 
 
