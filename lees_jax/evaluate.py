@@ -13,6 +13,8 @@ Policy specs (strings, so they fit a locked config and a command line):
   lees:<gates workdir>      learned gates, hard (the workdir of a train_gates run)
   lees_soft:<gates workdir> the same gates used soft (units blended by g_k(t))
   random:<fraction>[:<seed>] random fixed gates executing about that block fraction (A3)
+  ase_ft:<ase_finetune workdir> an ASE schedule with the backbone fine-tuned under it (the
+                            paper's ASE; its fine-tuned EMA params replace the backbone)
 
 Writes ``W/eval/results.json`` (a list of records; finished records are kept and skipped
 on restart), CLU summaries in ``W/eval``, a sample grid PNG per policy and a heat-map
@@ -73,6 +75,11 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75) -> Resolve
     form = 'soft' if kind == 'lees_soft' else 'hard'
     name = f'{kind}_{os.path.basename(os.path.normpath(arg))}'
     return ResolvedPolicy(name, gating.LeesPolicy(pol.alpha, pol.beta, form=form, name=name))
+  if kind == 'ase_ft':
+    from lees_jax import train  # pylint: disable=g-import-not-at-top
+    params, pol = train.load_ase_finetuned(arg, expected_model_config=model.spec)
+    name = f'ase_ft_{os.path.basename(os.path.normpath(arg))}'
+    return ResolvedPolicy(name, gating.SchedulePolicy(pol.matrix, name=name), params)
   if kind == 'random':
     frac, _, seed = arg.partition(':')
     try:
@@ -83,7 +90,7 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75) -> Resolve
     return ResolvedPolicy(f'random_{frac_f:g}', gating.LeesPolicy(p['alpha'], p['beta'],
                                                                   name=f'random_{frac_f:g}'))
   raise ValueError(f'unknown policy spec {spec!r}; expected full, ase:<name>, ase_grid:<file>[@budget], '
-                   'lees:<dir>, lees_soft:<dir> or random:<fraction>[:<seed>]')
+                   'lees:<dir>, lees_soft:<dir>, random:<fraction>[:<seed>] or ase_ft:<dir>')
 
 
 def _write_json_atomic(path: str, obj):

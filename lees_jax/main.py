@@ -26,6 +26,7 @@ MODES = {
     'describe': ('lees_jax.cost', 'describe'),
     'pretrain': ('lees_jax.train', 'pretrain'),
     'train_gates': ('lees_jax.train', 'train_gates'),
+    'ase_finetune': ('lees_jax.train', 'ase_finetune'),
     'evaluate': ('lees_jax.evaluate', 'evaluate'),
     'ase_grid': ('lees_jax.evaluate', 'ase_grid'),
     'experiment': ('lees_jax.experiment', 'experiment'),

@@ -13,10 +13,15 @@ progress. An `Objective` says what is trained and how:
 * host-side hooks for extra scalars, images and the final export.
 
 Modes (``config.mode``): ``pretrain`` (DDPM eps-prediction training of the whole UNet,
-exports its EMA parameters to ``<workdir>/backbone``) and ``train_gates`` (LEES: only the
-2K gate scalars alpha, beta are trained on a frozen backbone; writes ``<workdir>/gates.json``).
-A later objective (e.g. ASE fine-tuning of a sub-network) splits a parameter tree with
-`partition` / `merge` into trainable and frozen parts and plugs in the same way.
+exports its EMA parameters to ``<workdir>/backbone``), ``train_gates`` (LEES: only the
+2K gate scalars alpha, beta are trained on a frozen backbone; writes ``<workdir>/gates.json``)
+and ``ase_finetune`` (the ASE baseline: the backbone fine-tuned under a fixed ASE schedule,
+AdamW + EMA + lambda(t); exports ``<workdir>/backbone`` with the schedule in its metadata and
+``<workdir>/ase_schedule.json``; read back with `load_ase_finetuned`). An objective that trains
+part of a parameter tree splits it with `partition` / `merge` into trainable and frozen parts.
+
+EMA: ``ema <- ema + (1 - d) (params - ema)``, which leaves the EMA of a parameter that never
+changes bitwise equal to it.
 
 Determinism: the step's random key is ``fold_in(base_key, step)`` and the data order is a
 function of (seed, step) (see `lees_jax.data`), so a run killed at any moment and restarted
@@ -43,6 +48,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from lees_jax import ase
 from lees_jax import checkpoints
 from lees_jax import cost
 from lees_jax import data
@@ -82,6 +88,12 @@ class Objective:
   image_every: int = 0
   finish: Callable[[dict, str], None] = lambda state, workdir: None
   describe: str = ''
+  # Given trainable values (e.g. a loaded backbone): passed to the jitted init as arguments
+  # rather than closed over (a closed-over array becomes an HLO constant); init_trainable is
+  # then not called.
+  initial_trainable: Pytree | None = None
+  # loss_fn(trainable, frozen, batch, rng, step=<traced int32 step>) for step-dependent losses.
+  loss_takes_step: bool = False
 
 
 def partition(params: Pytree, is_trainable: Callable[[tuple[str, ...], Any], bool]
@@ -153,30 +165,8 @@ def pretrain_objective(config) -> Objective:
     return {'learning_rate': float(lr(int(state['step'])))}
 
   def finish(state, workdir):
-    if jax.process_count() > 1:
-      # checkpoints.save_backbone's orbax checkpointer synchronises all processes, so it cannot
-      # run on process 0 alone; the EMA parameters are safe in the last checkpoint.
-      if jax.process_index() == 0:
-        print(f'multi-process run: the EMA parameters are in the step-{int(state["step"])} '
-              f'checkpoint under {_join(workdir, CHECKPOINT_DIR, "pretrain")}. Export them to '
-              f'{_join(workdir, "backbone")} by running the same pretrain command once in a single '
-              'process (it restores the final checkpoint, trains no further and exports).',
-              flush=True)
-      return
-    target = _join(workdir, 'backbone')
-    local = tempfile.mkdtemp(prefix='lees_backbone_') if _is_remote(workdir) else None
-    with _quiet():
-      path = checkpoints.save_backbone(
-          os.path.join(local, 'backbone') if local else target,
-          jax.device_get(state['ema_params']), config.model,
-          diffusion_config=config.diffusion, overwrite=True, source='lees_jax pretrain',
-          step=int(state['step']), seed=int(config.seed), params_kind='ema',
-          ema_decay=float(pc.ema_decay))
-    if local:  # gs://...: written locally (atomically), then copied up
-      _copy_tree(path, target, replace=True)
-      shutil.rmtree(local, ignore_errors=True)
-      path = target
-    print(f'exported EMA parameters (step {int(state["step"])}) to {path}', flush=True)
+    _export_backbone(workdir, 'pretrain', state, jax.device_get(state['ema_params']), config,
+                     source='lees_jax pretrain', ema_decay=float(pc.ema_decay))
 
   return Objective(
       name='pretrain', section=pc, num_train_steps=_num_steps(pc, config.data),
@@ -185,6 +175,39 @@ def pretrain_objective(config) -> Objective:
       host_scalars=host_scalars, finish=finish,
       describe=f'DDPM pretraining of a {config.model.name} (lr {pc.learning_rate}, '
                f'warm-up {pc.warmup_steps}, clip {pc.grad_clip}, EMA {pc.ema_decay})')
+
+
+def _export_backbone(workdir: str, mode: str, state: dict, params: Pytree, config,
+                     **metadata) -> str | None:
+  """Writes ``params`` (EMA parameters) as the backbone directory ``<workdir>/backbone``.
+
+  Atomic (checkpoints.save_backbone); a gs:// workdir is written locally, then copied up.
+  Returns the path, or None in a multi-process run (see below).
+  """
+  step = int(state['step'])
+  if jax.process_count() > 1:
+    # checkpoints.save_backbone's orbax checkpointer synchronises all processes, so it cannot
+    # run on process 0 alone; the EMA parameters are safe in the last checkpoint.
+    if jax.process_index() == 0:
+      print(f'multi-process run: the EMA parameters are in the step-{step} '
+            f'checkpoint under {_join(workdir, CHECKPOINT_DIR, mode)}. Export them to '
+            f'{_join(workdir, "backbone")} by running the same {mode} command once in a single '
+            'process (it restores the final checkpoint, trains no further and exports).',
+            flush=True)
+    return None
+  target = _join(workdir, 'backbone')
+  local = tempfile.mkdtemp(prefix='lees_backbone_') if _is_remote(workdir) else None
+  with _quiet():
+    path = checkpoints.save_backbone(
+        os.path.join(local, 'backbone') if local else target, params, config.model,
+        diffusion_config=config.diffusion, overwrite=True, step=step, seed=int(config.seed),
+        params_kind='ema', **metadata)
+  if local:  # gs://...: written locally (atomically), then copied up
+    _copy_tree(path, target, replace=True)
+    shutil.rmtree(local, ignore_errors=True)
+    path = target
+  print(f'exported EMA parameters (step {step}) to {path}', flush=True)
+  return path
 
 
 def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool):
@@ -207,6 +230,21 @@ def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool):
   return loss_fn
 
 
+def _read_backbone(path: str, model_config) -> tuple[Pytree, str]:
+  """(params, backbone directory) of a local or gs:// backbone checked against config.model.
+
+  Fails (naming the path and what was expected) before anything touches the workdir.
+  """
+  source = _localize_backbone(path) if _is_remote(path) else path
+  with _quiet():
+    _, params = checkpoints.load_backbone_params(source, expected_model_config=model_config)
+  backbone_dir = checkpoints.find_backbone_dir(source)
+  if source != path:
+    shutil.rmtree(os.path.dirname(source), ignore_errors=True)
+    backbone_dir = path
+  return params, backbone_dir
+
+
 def gates_objective(config, backbone: Pytree | None = None) -> Objective:
   """LEES: alpha, beta per unit on a frozen backbone (its EMA params); Adam on the gates only.
 
@@ -217,14 +255,7 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
   if gc.form not in ('hard', 'soft'):
     raise ValueError(f"config.gates.form must be 'hard' or 'soft', got {gc.form!r}")
   if backbone is None:
-    # Fails (naming the path and what was expected) before anything touches the workdir.
-    source = _localize_backbone(gc.backbone) if _is_remote(gc.backbone) else gc.backbone
-    with _quiet():
-      _, backbone = checkpoints.load_backbone_params(source, expected_model_config=config.model)
-    backbone_dir = checkpoints.find_backbone_dir(source)
-    if source != gc.backbone:
-      shutil.rmtree(os.path.dirname(source), ignore_errors=True)
-      backbone_dir = gc.backbone
+    backbone, backbone_dir = _read_backbone(gc.backbone, config.model)
   else:
     backbone_dir = '<given parameters>'
   model = models.build_model(config.model)
@@ -296,7 +327,238 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
                f'{backbone_dir}')
 
 
-OBJECTIVES = {'pretrain': pretrain_objective, 'train_gates': gates_objective}
+# ---------------------------------------------------------------------------
+# ASE fine-tuning (Moon et al. 2024, §3.3 and Appendix A.2): the backbone under a fixed schedule.
+# ---------------------------------------------------------------------------
+
+ASE_SCHEDULE_FILE = 'ase_schedule.json'
+# |logit| of the fixed hard gates that carry a schedule into the training forward pass:
+# sigmoid(30) == 1.0 in float32, so the straight-through weights are exactly 1 (kept) or
+# exactly 0 (dropped) and a dropped unit contributes its skip path and no gradient.
+ASE_GATE_LOGIT = 30.0
+ASE_REWEIGHTS = ('none', 'paper')
+
+
+def resolve_ase_schedule(spec: str, units, config=None) -> gating.SchedulePolicy:
+  """``config.ase_ft.schedule`` -> the fixed schedule the backbone is fine-tuned under.
+
+  Accepted specs:
+    ase_default | D2 | D3 | D4 | D7   a Table 5 row mapped to the UNet (`ase.named_schedule`);
+    ase_s<start>_f<final>             a drop-length grid point by name (`ase.GridPoint.name`,
+                                      e.g. ase_s2_f0.57), from the default grid or the one in
+                                      config.ase (grid_starts x grid_finals);
+    <path/grid.jsonl>[@budget]        the best-FID schedule of an `ase_grid` run within a FLOP
+                                      budget (default config.eval.ase_budget), as evaluate's
+                                      ``ase_grid:`` policy picks it;
+    <path.json>                       a schedule written as a policy dict ({"matrix": (K, n)
+                                      0/1 rows, "name": ...}), e.g. another run's
+                                      ase_schedule.json: custom schedules.
+  """
+  spec = str(spec).strip()
+  named = ['ase_default', *sorted(ase.D_FRACTIONS)]
+  if spec in named:
+    return ase.named_schedule(spec, units)
+  grid = list(ase.drop_grid())
+  if config is not None and 'ase' in config:
+    grid += ase.drop_grid(config.ase.grid_starts, config.ase.grid_finals)
+  points = {p.name: p for p in grid}
+  if spec in points:
+    return ase.grid_policy(points[spec], units)
+  path, _, budget = spec.partition('@')
+  if path.endswith('.jsonl') or path.endswith('.json'):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'config.ase_ft.schedule={spec!r}: no file at {path!r}')
+    if path.endswith('.jsonl'):
+      with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+      default_budget = config.eval.ase_budget if config is not None and 'eval' in config else 0.75
+      best = ase.pick_for_budget(records, float(budget) if budget else float(default_budget))
+      return ase.grid_policy(ase.GridPoint(int(best['start']), float(best['final'])), units)
+    with open(path) as f:
+      d = json.load(f)
+    if 'matrix' not in d:
+      raise ValueError(f'config.ase_ft.schedule={spec!r}: {path} has no "matrix" (a (units, '
+                       'intervals) 0/1 keep matrix)')
+    policy = gating.SchedulePolicy(np.asarray(d['matrix'], bool),
+                                   name=d.get('name', os.path.splitext(os.path.basename(path))[0]))
+    if policy.matrix.shape[0] != len(units):
+      raise ValueError(f'config.ase_ft.schedule={spec!r}: the matrix has {policy.matrix.shape[0]} '
+                       f'rows but the model has {len(units)} gateable units')
+    return policy
+  raise ValueError(
+      f'unknown ASE schedule config.ase_ft.schedule={spec!r}; use one of {named}, a grid point '
+      f'name ({", ".join(sorted(points))}), <grid.jsonl>[@budget] from an ase_grid run, or a '
+      '.json file holding a schedule matrix')
+
+
+def ase_time_weight(t, num_timesteps: int, step, reweight: str = 'paper', coef: float = 1.0,
+                    reweight_steps: int = 0):
+  """The ASE loss coefficient lambda(t) for integer timesteps ``t`` at optimiser step ``step``.
+
+  What the paper says (§3.3, Algorithm 1): fine-tuning should change little near t -> 0 and
+  learn what the dropped blocks leave unseen near t -> 1, so "we apply a higher coefficient to
+  the lambda(t) term"; "once the model's performance appears to have plateaued, we adjust the
+  lambda(t) value back to 1". Algorithm 1 takes a "time-dependent coefficient lambda(t)" and a
+  "re-weighting cycle C" but gives neither; the released code implements lambda(t) = 1 only.
+
+  What we implement (t_n = (t + 1) / T in (0, 1], the gates' normalised time):
+    reweight='none':  lambda(t) = 1                                   (the released code)
+    reweight='paper': lambda(t) = 1 + coef * t_n  while step < reweight_steps (the cycle C),
+                      then 1.
+  The linear ramp is our reading: it is 1 at the data end (no extra push where every unit runs)
+  and 1 + coef at the noise end, where the schedule drops the most units; it needs no knowledge
+  of the schedule, and coef = 0 or reweight_steps = 0 recovers lambda = 1.
+  """
+  t_n = gating.normalized_time(t, num_timesteps)
+  if reweight == 'none':
+    return jnp.ones_like(t_n)
+  if reweight == 'paper':
+    return jnp.where(jnp.asarray(step) < reweight_steps, 1.0 + coef * t_n, jnp.ones_like(t_n))
+  raise ValueError(f'config.ase_ft.reweight must be one of {ASE_REWEIGHTS}, got {reweight!r}')
+
+
+def _is_time_embedding(path: tuple[str, ...]) -> bool:
+  return path[0].startswith('temb_dense')
+
+
+def ase_objective(config, backbone: Pytree | None = None) -> Objective:
+  """ASE fine-tuning: the backbone (its EMA params) trained under a fixed ASE schedule.
+
+  Every example runs the network as the sampler would at its timestep: the schedule's keep
+  column for the example's interval becomes fixed hard `gates.TrainingGates` (logits
+  +/-ASE_GATE_LOGIT), so a dropped unit contributes exactly its skip path (identity, or the 1x1
+  shortcut of a ResBlock that changes channels -- that projection runs and is trained) and gets
+  exactly zero gradient from that example. Loss: mean_i lambda(t_i) ||eps - eps_theta||^2 with
+  `ase_time_weight` (the DDPM UNet predicts eps only, so the paper's hybrid loss reduces to
+  this). AdamW, constant (or cosine) learning rate, dropout as in pretraining
+  (config.model.dropout), EMA from the loaded parameters. With
+  ``config.ase_ft.freeze_time_embedding`` the temb_dense_* layers are frozen (not in the
+  trainable partition, never updated). ``backbone`` params replace config.ase_ft.backbone
+  (tests, benchmarks).
+  """
+  ac = config.ase_ft
+  if ac.reweight not in ASE_REWEIGHTS:
+    raise ValueError(f'config.ase_ft.reweight must be one of {ASE_REWEIGHTS}, got {ac.reweight!r}')
+  if ac.lr_schedule not in ('constant', 'cosine'):
+    raise ValueError(f"config.ase_ft.lr_schedule must be 'constant' or 'cosine', got {ac.lr_schedule!r}")
+  model = models.build_model(config.model)
+  units = model.units
+  unit_names = [u.name for u in units]
+  K = len(units)
+  policy = resolve_ase_schedule(ac.schedule, units, config)  # before the backbone is read
+  if backbone is None:
+    params, backbone_dir = _read_backbone(ac.backbone or config.gates.backbone, config.model)
+  else:
+    params, backbone_dir = backbone, '<given parameters>'
+  params = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(params))
+  freeze = bool(ac.freeze_time_embedding)
+  trainable, frozen = partition(params, lambda path, leaf: not (freeze and _is_time_embedding(path)))
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  T = schedule.num_steps
+  keep_table = policy.step_masks(np.arange(T), T, K)  # (T, K): unit k runs at timestep t
+  num_steps = _num_steps(ac, config.data)
+  lr = (optax.cosine_decay_schedule(ac.learning_rate, num_steps) if ac.lr_schedule == 'cosine'
+        else optax.constant_schedule(ac.learning_rate))
+  parts = [optax.clip_by_global_norm(ac.grad_clip)] if ac.grad_clip > 0 else []
+  optimizer = optax.chain(*parts, optax.adamw(lr, b1=ac.b1, b2=ac.b2,
+                                              weight_decay=ac.weight_decay))
+  reweight, coef, rw_steps = ac.reweight, float(ac.reweight_coef), int(ac.reweight_steps)
+
+  def loss_fn(trainable, frozen, batch, rng, step):
+    x0 = batch['image']
+    t, noise = draw_t_noise(rng, x0, T)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    keep = jnp.asarray(keep_table)[t]  # (B, K)
+    logits = jnp.where(keep, ASE_GATE_LOGIT, -ASE_GATE_LOGIT).astype(jnp.float32)
+    eps = model.apply({'params': merge(trainable, frozen)}, x_t, t,
+                      gates=gating.TrainingGates(logits, hard=True), train=True,
+                      rngs={'dropout': jax.random.fold_in(rng, 2)})
+    per_example = diffusion.eps_mse(eps, noise)
+    lam = ase_time_weight(t, T, step, reweight, coef, rw_steps)
+    loss = jnp.mean(lam * per_example)
+    return loss, {'mse': per_example.mean(), 'lambda_mean': lam.mean(),
+                  'kept_fraction': keep.astype(jnp.float32).mean()}
+
+  timesteps = sampler_timesteps(config)
+  masks = policy.step_masks(timesteps, T, K)
+  ratio = gating.executed_block_ratio(masks)
+  flops = cost.model_cost(model.spec).flop_fraction(masks)
+
+  def host_scalars(state):
+    return {'learning_rate': float(lr(int(state['step']))), 'executed_ratio': ratio,
+            'flop_fraction': flops}
+
+  def finish(state, workdir):
+    ema = jax.device_get(state['ema_params'])
+    schedule_meta = {'name': policy.name, 'matrix': policy.matrix.astype(int).tolist()}
+    path = _export_backbone(
+        workdir, 'ase_finetune', state, merge(ema, frozen), config,
+        source='lees_jax ase_finetune', ema_decay=float(ac.ema_decay),
+        base_backbone=backbone_dir, ase_schedule=schedule_meta)
+    if jax.process_index() != 0:
+      return
+    summary = {
+        'format': 'lees_jax.ase_schedule', 'version': 1, **policy.to_dict(),
+        'spec': str(ac.schedule), 'units': unit_names, 'num_timesteps': T,
+        'executed_block_ratio': ratio, 'flop_fraction': flops,
+        'sampler': {'name': config.sampler.name, 'steps': len(timesteps),
+                    'timesteps': [int(t) for t in timesteps]},
+        'backbone': path, 'base_backbone': backbone_dir, 'step': int(state['step']),
+        'seed': int(config.seed), 'config': config.to_dict(),
+    }
+    _write_json(_join(workdir, ASE_SCHEDULE_FILE), summary)
+    print(f'ase_finetune: schedule {policy.name} executes {ratio:.3f} of the blocks '
+          f'({flops:.3f} of the FLOPs) on the {len(timesteps)}-step sampler; wrote '
+          f'{_join(workdir, ASE_SCHEDULE_FILE)}', flush=True)
+
+  n_train = models.count_params(trainable)
+  return Objective(
+      name='ase_finetune', section=ac, num_train_steps=num_steps,
+      init_trainable=lambda rng: trainable, initial_trainable=trainable, frozen=frozen,
+      loss_fn=loss_fn, loss_takes_step=True, optimizer=optimizer,
+      ema_decay=float(ac.ema_decay), random_flip=bool(config.data.random_flip),
+      host_scalars=host_scalars, finish=finish,
+      describe=f'ASE fine-tuning under schedule {policy.name} (executed blocks {ratio:.3f}): '
+               f'{n_train:,} trainable parameters'
+               + (' (time embedding frozen)' if freeze else '')
+               + f', AdamW lr {ac.learning_rate} ({ac.lr_schedule}), wd {ac.weight_decay}, '
+               f'EMA {ac.ema_decay}, lambda(t) {reweight}'
+               + (f' (1 + {coef} t for {rw_steps} steps)' if reweight == 'paper' else '')
+               + f', backbone {backbone_dir}')
+
+
+def load_ase_finetuned(workdir: str, expected_model_config=None
+                       ) -> tuple[Pytree, gating.SchedulePolicy]:
+  """(EMA params, schedule) of a finished ``ase_finetune`` run.
+
+  ``workdir`` is the run's workdir or its ``backbone`` directory; the schedule is read from
+  the backbone's metadata (``ase_schedule``), so the pair always travels together.
+  ``expected_model_config`` (a config.model or a `models.UNetSpec`) is checked, dropout aside.
+  """
+  try:
+    meta = checkpoints.read_backbone_meta(workdir)
+  except checkpoints.BackboneError as e:
+    raise FileNotFoundError(f'no ASE fine-tuned backbone at {workdir!r}: expected the backbone/ '
+                            'that a finished `--config.mode=ase_finetune` run writes into its '
+                            f'workdir ({e})') from e
+  if 'ase_schedule' not in meta:
+    raise ValueError(f'the backbone at {checkpoints.find_backbone_dir(workdir)} has no ASE schedule '
+                     '(ase_schedule in backbone.json): it was not written by ase_finetune')
+  want = expected_model_config
+  with _quiet():
+    model_config, params = checkpoints.load_backbone_params(
+        workdir, None if isinstance(want, models.UNetSpec) or want is None else want)
+  if isinstance(want, models.UNetSpec):
+    have = models.UNetSpec.from_config(model_config)
+    if dataclasses.replace(have, dropout=0.0) != dataclasses.replace(want, dropout=0.0):
+      raise checkpoints.BackboneError(
+          f'the ASE fine-tuned backbone at {workdir} ({have}) does not match the model ({want})')
+  sched = meta['ase_schedule']
+  return params, gating.SchedulePolicy(np.asarray(sched['matrix'], bool), name=sched['name'])
+
+
+OBJECTIVES = {'pretrain': pretrain_objective, 'train_gates': gates_objective,
+              'ase_finetune': ase_objective}
 
 
 # ---------------------------------------------------------------------------
@@ -376,15 +638,17 @@ def load_gates(workdir: str) -> gating.LeesPolicy:
 def init_state(objective: Objective, rng: jax.Array, mesh) -> dict:
   """{'step', 'params', 'opt_state'[, 'ema_params']}, replicated on every device of ``mesh``."""
 
-  def init():
-    params = objective.init_trainable(rng)
+  def init(params):
     state = {'step': jnp.zeros((), jnp.int32), 'params': params,
              'opt_state': objective.optimizer.init(params)}
     if objective.ema_decay is not None:
       state['ema_params'] = jax.tree_util.tree_map(jnp.copy, params)
     return state
 
-  return jax.jit(init, out_shardings=data.replicated_sharding(mesh))()
+  rep = data.replicated_sharding(mesh)
+  if objective.initial_trainable is not None:
+    return jax.jit(init, out_shardings=rep)(data.replicate(objective.initial_trainable, mesh))
+  return jax.jit(lambda: init(objective.init_trainable(rng)), out_shardings=rep)()
 
 
 def make_train_step(objective: Objective, mesh):
@@ -400,16 +664,20 @@ def make_train_step(objective: Objective, mesh):
     rng = jax.random.fold_in(base_key, state['step'])
     frozen = jax.lax.stop_gradient(frozen)
 
+    extra = {'step': state['step']} if objective.loss_takes_step else {}
+
     def loss(trainable):
-      return objective.loss_fn(trainable, frozen, batch, rng)
+      return objective.loss_fn(trainable, frozen, batch, rng, **extra)
 
     (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state['params'])
     updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new = dict(state, step=state['step'] + 1, params=params, opt_state=opt_state)
     if ema_decay is not None:
+      # e + (1-d)(p - e), not d*e + (1-d)*p: the same average, but exactly e wherever p == e,
+      # so a parameter that receives no update keeps a bitwise-identical EMA.
       new['ema_params'] = jax.tree_util.tree_map(
-          lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state['ema_params'], params)
+          lambda e, p: e + (1.0 - ema_decay) * (p - e), state['ema_params'], params)
     metrics = dict(metrics, loss=value, grad_norm=optax.global_norm(grads))
     return new, metrics
 
@@ -582,3 +850,9 @@ def pretrain(config, workdir: str):
 def train_gates(config, workdir: str):
   """``config.mode=train_gates``: LEES gates on the frozen ``config.gates.backbone``."""
   return run_objective('train_gates', config, workdir)
+
+
+def ase_finetune(config, workdir: str):
+  """``config.mode=ase_finetune``: the backbone fine-tuned under ``config.ase_ft.schedule``;
+  exports ``<workdir>/backbone`` (EMA params + schedule) and ``<workdir>/ase_schedule.json``."""
+  return run_objective('ase_finetune', config, workdir)
