@@ -109,6 +109,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       ablations=('soft', 'lam0', 'random'),            # A1, A2, A3
       num_samples=-1,      # FID samples per cell; -1 = config.eval.num_samples
       reference_split='',  # FID reference; '' = config.eval.reference_split
+      latency_repeats=-1,  # timed latency batches per cell; -1 = config.eval.latency_repeats
       ase_budget=-1.0,     # B3 FLOP budget; <= 0: the mean FLOP fraction of LEES main_lam
       fid_method='sqrtm',  # 'sqrtm' (published numbers) or 'svd' (fast, exact for PSD)
       robustness=True, robustness_dataset='cifar10_corrupted', severity=3,
@@ -150,8 +151,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.pretrain.update(batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
                       num_train_steps=1200, log_every=50, checkpoint_every=100)
     c.sampler.update(steps=50, batch_size=100)
-    # The study in ~12 minutes on 2 CPU cores (timed: see README): B1, B2, LEES λ=0.05, one seed.
+    # The study offline in ~13 minutes on 2 idle CPU cores (estimated from timed stages: see
+    # README): B1, B2, LEES λ=0.05, one seed, 200 samples per cell.
     c.experiment.update(lams=(0.05,), seeds=(0,), baselines=('full', 'ase_default'), ablations=(),
-                        num_samples=500, reference_split='test[:500]', robustness=False,
-                        fid_method='svd', overhead_steps=3)
+                        num_samples=200, reference_split='test[:300]', latency_repeats=1,
+                        robustness=False, fid_method='svd', overhead_steps=3)
   return c

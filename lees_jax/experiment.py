@@ -35,7 +35,9 @@ Definitions (also stated in the report):
     ``robustness_split`` and ``clean`` the same images uncorrupted (the same split and count of
     ``config.data``); ΔFID is the mean of ΔFID_c over the corruption list. The samples are the
     cell's own samples (the first ``robustness_num_samples`` of them), for every seed of
-    ``robustness_seeds`` (default: all), identically for every policy.
+    ``robustness_seeds`` (default: all), identically for every policy. These Fréchet
+    distances always use the 'svd' method (exact for covariances; it equals 'sqrtm' to ~1e-12
+    for full-rank statistics) with each covariance decomposed once.
   * Gate convergence: the gates are snapshotted at every logging step of gate training
     (``gates_history.jsonl``; step 0 is the initialisation alpha = beta = 0). Between two
     successive snapshots, KL = mean over units k and the sampler's timesteps t_i of
@@ -391,12 +393,16 @@ def gate_convergence(history: list[dict], timesteps, num_timesteps: int, num_tra
 
 class _FidHook:
   """Wraps the FID module an `evaluate.Evaluator` uses: keeps the last sample statistics (for
-  ΔFID without a second Inception pass) and applies the configured Fréchet method."""
+  ΔFID without a second Inception pass), applies the configured Fréchet method, and for the
+  'svd' method caches each covariance's eigendecomposition (references once per run, the
+  samples once per cell), so that ΔFID over many references costs one small SVD each."""
 
   def __init__(self, fid_lib, method: str):
     self._lib = fid_lib
     self.method = method
     self.last_stats = None
+    self._pinned: dict[int, tuple] = {}  # reference statistics: id -> (stats, r, v)
+    self._last: tuple | None = None      # the latest other statistics
 
   def __getattr__(self, name):
     return getattr(self._lib, name)
@@ -405,8 +411,38 @@ class _FidHook:
     self.last_stats = self._lib.compute_statistics(images, **kwargs)
     return self.last_stats
 
+  def pin(self, stats):
+    """Marks reference statistics whose decomposition is kept for the whole run."""
+    if id(stats) not in self._pinned:
+      self._pinned[id(stats)] = (stats,) + self._decompose(stats)
+    return stats
+
+  def _decompose(self, stats):
+    from lees_jax.fid import fid as fid_module  # pylint: disable=g-import-not-at-top
+    return fid_module._psd_eig(np.asarray(stats.sigma, np.float64), 'sigma')  # pylint: disable=protected-access
+
+  def _eig(self, stats):
+    hit = self._pinned.get(id(stats))
+    if hit is not None and hit[0] is stats:
+      return hit[1:]
+    if self._last is None or self._last[0] is not stats:
+      self._last = (stats,) + self._decompose(stats)
+    return self._last[1:]
+
+  def frechet_svd(self, a, b) -> float:
+    """`fid.frechet_distance(method='svd')` with cached eigendecompositions."""
+    r1, v1 = self._eig(a)
+    r2, v2 = self._eig(b)
+    core = (r2[:, None] * (v2.T @ v1)) * r1[None, :]
+    tr = float(np.sum(np.linalg.svd(core, compute_uv=False))) if core.size else 0.0
+    diff = np.asarray(a.mu, np.float64) - np.asarray(b.mu, np.float64)
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr)
+
   def fid_from_statistics(self, a, b, method=None):
-    return self._lib.fid_from_statistics(a, b, method=method or self.method)
+    method = method or self.method
+    if method == 'svd':
+      return self.frechet_svd(a, b)
+    return self._lib.fid_from_statistics(a, b, method=method)
 
 
 def _cell_config(config, cell: Cell, backbone: str):
@@ -530,6 +566,8 @@ class Robustness:
       name = f'{ex.robustness_dataset}/{c}_{int(ex.severity)}'
       self.corrupted[c] = stats(name.replace('/', '_'),
                                 lambda name=name: _load_tfds_images(name, split, config.data.data_dir))
+    for st in (self.clean, *self.corrupted.values()):
+      fid.pin(st)
     self.fid = fid
     self.num_samples = int(ex.robustness_num_samples)
     self.description = (f'{ex.robustness_dataset} <corruption>_{int(ex.severity)} {split} vs '
@@ -538,8 +576,9 @@ class Robustness:
   def delta_fid(self, sample_stats, images, extractor) -> dict:
     if 0 < self.num_samples < len(images):
       sample_stats = self.fid.compute_statistics(images[:self.num_samples], extractor=extractor)
-    clean = self.fid.fid_from_statistics(sample_stats, self.clean)
-    per = {c: self.fid.fid_from_statistics(sample_stats, s) - clean for c, s in self.corrupted.items()}
+    fid = self.fid.fid_from_statistics
+    clean = fid(sample_stats, self.clean, method='svd')
+    per = {c: fid(sample_stats, s, method='svd') - clean for c, s in self.corrupted.items()}
     return {'fid_clean': clean, 'per_corruption': per,
             'delta_fid': statistics.fmean(per.values()) if per else None,
             'num_samples': int(sample_stats.count), 'references': self.description}
@@ -555,12 +594,17 @@ class _Runner:
     self.workdir = workdir
     self.out = experiment_dir(workdir)
     eval_config = config
-    if self.ex.reference_split:
+    if self.ex.reference_split or self.ex.latency_repeats > 0:
       eval_config = config.copy_and_resolve_references()
-      eval_config.eval.reference_split = self.ex.reference_split
+      if self.ex.reference_split:
+        eval_config.eval.reference_split = self.ex.reference_split
+      if self.ex.latency_repeats > 0:
+        eval_config.eval.latency_repeats = int(self.ex.latency_repeats)
     self.evaluator = evaluate.Evaluator(eval_config, self.out)
     self.fid_hook = _FidHook(self.evaluator.fid, self.ex.fid_method)
     self.evaluator.fid = self.fid_hook
+    if self.ex.fid_method == 'svd':
+      self.fid_hook.pin(self.evaluator.ref_stats)
     self.backbone = self.evaluator.backbone_path
     self.num_samples = int(self.ex.num_samples) if self.ex.num_samples > 0 else int(config.eval.num_samples)
     self.programs = {}
@@ -710,6 +754,9 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
   cells = plan_cells(ex)
   os.makedirs(experiment_dir(workdir), exist_ok=True)
   if not ex.report_only:
+    if not (config.eval.backbone or config.gates.backbone):
+      raise ValueError('config.mode=experiment needs a backbone: pass --config.gates.backbone=<a pretrain '
+                       'workdir or a converted checkpoint directory> (see README, "The study")')
     todo = [c for c in cells if not _cell_done(workdir, c)]
     print(f'experiment: {len(cells)} cells, {len(cells) - len(todo)} finished earlier, '
           f'{len(todo)} to run; workdir {workdir}', flush=True)
