@@ -151,7 +151,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.pretrain.update(batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
                       num_train_steps=1200, log_every=50, checkpoint_every=100)
     c.sampler.update(steps=50, batch_size=100)
-    # The study offline in ~13 minutes on 2 idle CPU cores (estimated from timed stages: see
+    # The study offline in ~15 minutes on 2 idle CPU cores (estimated from timed stages: see
     # README): B1, B2, LEES λ=0.05, one seed, 200 samples per cell.
     c.experiment.update(lams=(0.05,), seeds=(0,), baselines=('full', 'ase_default'), ablations=(),
                         num_samples=200, reference_split='test[:300]', latency_repeats=1,
