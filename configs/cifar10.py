@@ -9,9 +9,15 @@ Any field can be overridden, e.g. ``--config.mode=describe --config.gates.lam=0.
 the config is locked, so a misspelt or ill-typed field is an error naming it.
 """
 
+import os
+
 import ml_collections
 
 PRESETS = ('paper', 'tiny', 'quickstart')
+# The small backbone shipped for the offline quick start (trained by this project's `pretrain`
+# mode on the shipped CIFAR-10 subset; see lees_jax/data/quickstart_backbone/TRAINING.md).
+QUICKSTART_BACKBONE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   'lees_jax', 'data', 'quickstart_backbone')
 
 
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
@@ -149,8 +155,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     # How the shipped backbone (lees_jax/data/quickstart_backbone) was trained on CPU: a
     # small model, a short run, so a higher learning rate and a short EMA horizon.
     c.pretrain.update(batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
-                      num_train_steps=1200, log_every=50, checkpoint_every=100)
+                      num_train_steps=900, log_every=50, checkpoint_every=100)
     c.sampler.update(steps=50, batch_size=100)
+    c.gates.backbone = QUICKSTART_BACKBONE
     # The study offline in ~15 minutes on 2 idle CPU cores (estimated from timed stages: see
     # README): B1, B2, LEES λ=0.05, one seed, 200 samples per cell.
     c.experiment.update(lams=(0.05,), seeds=(0,), baselines=('full', 'ase_default'), ablations=(),
