@@ -34,15 +34,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lees_jax import cost, diffusion, gates, models, samplers  # noqa: E402
-
-
-def load_config(spec: str):
-  import importlib.util
-  path, _, preset = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
+from train_step import load_config  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 
 def policy_for_fraction(model_cost: cost.ModelCost, timesteps, num_timesteps: int,

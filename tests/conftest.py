@@ -22,3 +22,21 @@ def tiny_model():
   model = unet.UNet(TINY_SPEC)
   params = unet.init_params(model, jax.random.PRNGKey(0))
   return model, params
+
+
+@pytest.fixture(scope='module')
+def compile_cache(tmp_path_factory):
+  """A persistent XLA compile cache shared by a test module and the subprocesses it starts."""
+  from jax._src import compilation_cache
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  compilation_cache.reset_cache()
+  yield path
+  for n, v in old.items():
+    jax.config.update(n, v)
+  compilation_cache.reset_cache()

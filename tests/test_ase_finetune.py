@@ -33,23 +33,6 @@ HALF = 'up_1_res_1'  # executed only in the 5 intervals near the data
 FROZEN = {'ase_ft.freeze_time_embedding': True}
 
 
-@pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  from jax._src import compilation_cache
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  compilation_cache.reset_cache()
-  yield path
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
-
-
 def _tiny(**overrides):
   config = cifar10.get_config('tiny')
   for key, value in overrides.items():
