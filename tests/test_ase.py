@@ -11,13 +11,54 @@ from lees_jax.models import unet
 UNITS = unet.gateable_units(unet.UNetSpec())
 
 
-@pytest.mark.parametrize('name', sorted(ase.DIT_KEPT))
-def test_fractions_on_28_blocks_reproduce_table5(name):
+# ASE paper (Moon et al. 2024), Appendix A, Table 5: blocks used per interval of t, [0, 0.1]
+# first, copied from the paper's text (/work/shared/papers/ase.txt), not from lees_jax.
+TABLE5_DIT = {
+    'D2': (28, 28, 25, 25, 22, 22, 19, 19, 16, 16),
+    'D3': (28, 28, 24, 24, 20, 20, 16, 16, 12, 12),
+    'D4': (28, 28, 26, 24, 20, 18, 12, 10, 8, 8),
+    'D7': (28, 28, 24, 21, 18, 15, 10, 10, 8, 8),
+}
+# Units dropped per interval on the 28-unit DDPM UNet, by hand: round(fraction * 28) =
+# 28 - Table 5's count, capped at 16 (the 15 up-path units + mid_res_1).
+UNET_DROPPED = {
+    'D2': (0, 0, 3, 3, 6, 6, 9, 9, 12, 12),
+    'D3': (0, 0, 4, 4, 8, 8, 12, 12, 16, 16),
+    'D4': (0, 0, 2, 4, 8, 10, 16, 16, 16, 16),     # Table 5: 20 dropped at the end, capped
+    'D7': (0, 0, 4, 7, 10, 13, 16, 16, 16, 16),    # Table 5: 18, 18, 20, 20, capped
+}
+
+
+@pytest.mark.parametrize('name', sorted(TABLE5_DIT))
+def test_schedules_are_table5_rows(name):
+  assert ase.DIT_KEPT[name] == TABLE5_DIT[name]
+  np.testing.assert_allclose(np.asarray(ase.D_FRACTIONS[name]) * 28,
+                             28 - np.asarray(TABLE5_DIT[name]), atol=1e-9)
   keep = ase.schedule_matrix(ase.D_FRACTIONS[name], 28)
-  assert tuple(keep.sum(axis=0)) == ase.DIT_KEPT[name]
+  assert tuple(keep.sum(axis=0)) == TABLE5_DIT[name]
   # DiT keeps the first N blocks.
-  for i, n in enumerate(ase.DIT_KEPT[name]):
+  for i, n in enumerate(TABLE5_DIT[name]):
     assert keep[:n, i].all() and not keep[n:, i].any()
+
+
+def test_table5_d4_and_d7_are_not_paired():
+  """Only D2 and D3 drop in pairs of equal intervals; D4 and D7 change within pairs."""
+  for name, kept in TABLE5_DIT.items():
+    paired = kept[0::2] == kept[1::2]
+    assert paired == (name in ('D2', 'D3')), name
+
+
+@pytest.mark.parametrize('name', sorted(UNET_DROPPED))
+def test_unet_drop_counts_per_interval(name):
+  pol = ase.named_schedule(name, UNITS)
+  dropped = (~pol.matrix).sum(axis=0)
+  assert tuple(dropped) == UNET_DROPPED[name]
+  # The dropped units are the last ones of the network, in execution order.
+  names = [u.name for u in UNITS]
+  for i, n in enumerate(UNET_DROPPED[name]):
+    assert [names[k] for k in np.flatnonzero(~pol.matrix[:, i])] == names[28 - n:]
+  last16 = names[12:]
+  assert last16[0] == 'mid_res_1' and all(n.startswith('up_') for n in last16[1:])
 
 
 @pytest.mark.parametrize('name', ['ase_default', 'D2', 'D3', 'D4', 'D7'])
@@ -35,11 +76,12 @@ def test_unet_schedules_are_monotone_and_keep_everything_near_data(name):
 def test_ase_default_is_d3_with_paper_block_ratio():
   pol = ase.named_schedule('ase_default', UNITS)
   np.testing.assert_array_equal(pol.matrix, ase.named_schedule('D3', UNITS).matrix)
-  # 50 DDPM steps: executed-block ratio 1 - mean(0,0,4,4,8,8,12,12,16,16)/28 = 71.4 %.
-  from lees_jax import diffusion
-  ts = diffusion.space_timesteps(1000, '50')
+  # 50 DDPM steps (improved-diffusion's "50": round(i * 999 / 49)) put exactly 5 steps in each
+  # interval of t = (s + 1) / 1000, so the executed-block ratio is
+  # 1 - mean(0,0,4,4,8,8,12,12,16,16)/28 = 1 - 80/280 = 71.4 %.
+  ts = [round(i * 999 / 49) for i in range(50)]
   ratio = gates.executed_block_ratio(pol.step_masks(ts, 1000, 28))
-  assert ratio == pytest.approx(1 - 80 / 280, abs=0.01)
+  assert ratio == pytest.approx(1 - 80 / 280, abs=1e-12)
 
 
 def test_ramp_and_grid_are_what_the_docs_say():
