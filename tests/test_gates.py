@@ -47,11 +47,24 @@ def test_segments_cover_every_step_and_reproduce_masks(seed):
   rebuilt = np.concatenate([np.tile(np.array(s.keep), (s.length, 1)) for s in segs])
   np.testing.assert_array_equal(rebuilt, masks)
   assert len(segs) <= k + 1  # each linear logit changes sign at most once
-  # Independent per-step check of the hard decision: sigmoid(alpha t + beta) > 0.5.
-  t = (np.asarray(timesteps) + 1) / 1000
-  g = 1 / (1 + np.exp(-(pol.alpha[None] * t[:, None] + pol.beta[None])))
-  agree = (g > 0.5) == masks
-  assert agree.mean() > 0.999
+  # Independent per-step check of the hard decision, every one of the 50 x 28: g > 0.5.
+  t = (np.asarray(timesteps, np.float64) + 1) / 1000
+  g = 1 / (1 + np.exp(-(pol.alpha[None].astype(np.float64) * t[:, None] + pol.beta[None])))
+  np.testing.assert_array_equal(masks, g > 0.5)
+
+
+def test_hard_decision_at_and_near_logit_zero():
+  """g = 0.5 exactly is off; the smallest positive logit is on; sampler, training and cost agree."""
+  # alpha * t + beta with t = (s + 1) / 1000: s = 499 gives t = 0.5 and logit exactly 0.
+  pol = gates.LeesPolicy([2.0, 2.0, -2.0], [-1.0, -1.0 + 2.0 ** -20, 1.0 + 2.0 ** -20])
+  masks = pol.step_masks([498, 499, 500], 1000, 3)
+  np.testing.assert_array_equal(masks, [[False, False, True],
+                                        [False, True, True],
+                                        [True, True, False]])
+  # The training gates' forward decision is the same on the same logits.
+  t = jnp.asarray([0.499, 0.5, 0.501])[:, None]
+  logits = jnp.asarray(pol.alpha)[None] * t + jnp.asarray(pol.beta)[None]
+  np.testing.assert_array_equal(np.asarray(gates.TrainingGates(logits).weights()), masks)
 
 
 def test_schedule_policy_maps_steps_to_intervals():
