@@ -1,5 +1,11 @@
-"""FLOP accounting: shares, policy fractions, and agreement with XLA's own count."""
+"""FLOP accounting against XLA's own count (`cost_analysis` of the compiled forward pass).
 
+Measured (jax 0.10.2, CPU): the paper UNet's total is 0.11 % above XLA's, each unit's saving
+within 0.062 % of XLA's, the all-skipped program 0.6 %; on the tiny UNet the total is within
+0.009 % and each unit's saving within 0.13 %. Tolerances sit a small margin above.
+"""
+
+import jax
 import numpy as np
 import pytest
 
@@ -7,11 +13,43 @@ from lees_jax import cost
 from lees_jax.models import unet
 
 
-def test_shares_sum_to_one():
-  for spec in [unet.UNetSpec(), unet.UNetSpec(ch=32, ch_mult=(1, 2), num_res_blocks=1, num_groups=8)]:
-    mc = cost.model_cost(spec)
-    assert sum(mc.shares().values()) == pytest.approx(1.0)
-    assert len(mc.units) == len(unet.gateable_units(spec))
+@pytest.fixture(scope='module')
+def paper():
+  """The 35.7M-parameter DDPM UNet (shapes only: XLA counts FLOPs without values)."""
+  model = unet.UNet(unet.UNetSpec())
+  shapes = jax.eval_shape(lambda: unet.init_params(model, jax.random.PRNGKey(0)))
+  return model, shapes, cost.model_cost(model.spec), cost.xla_flops(model, shapes)
+
+
+def _one_by_one_conv(res, cin, cout):
+  """A 1x1 convolution by hand: res^2 outputs x cout, each cin multiply-adds (2 FLOPs) + a bias."""
+  return res * res * cout * (2 * cin + 1)
+
+
+def test_paper_unet_total_and_shares_match_xla(paper):
+  model, shapes, mc, xla_total = paper
+  assert len(mc.units) == len(unet.gateable_units(model.spec)) == 28
+  # README: 11.68 GFLOPs per image per step.
+  assert mc.total_flops / 1e9 == pytest.approx(11.68, abs=0.005)
+  assert mc.total_flops == pytest.approx(xla_total, rel=1.5e-3)
+  shares = mc.shares()
+  by_name = {u.name: u for u in mc.units}
+  # (unit, its 1x1 shortcut by hand: what still runs when it is skipped)
+  cases = [('down_0_res_0', 0), ('down_1_attn_0', 0),
+           ('up_0_res_0', _one_by_one_conv(32, 384, 128)),
+           ('up_1_res_0', _one_by_one_conv(16, 512, 256))]
+  for name, shortcut in cases:
+    u = by_name[name]
+    assert u.skip_flops == shortcut, name
+    keep = [v.name != name for v in mc.units]
+    saved = xla_total - cost.xla_flops(model, shapes, keep)
+    # The unit's share of the forward pass minus what its skip still runs = XLA's saving.
+    assert shares[name] - shortcut / mc.total_flops == pytest.approx(saved / xla_total, rel=2e-3), name
+  # Nothing gated: only the always-run part and the 13 shortcuts remain.
+  k = len(mc.units)
+  none = cost.xla_flops(model, shapes, [False] * k)
+  assert mc.flop_fraction(np.zeros((1, k), bool)) == pytest.approx(none / xla_total, rel=1e-2)
+  assert sum(shares.values()) == pytest.approx(1.0)
 
 
 def test_conv_count_by_hand():
@@ -23,20 +61,24 @@ def test_flop_fraction_of_masks():
   mc = cost.model_cost(unet.UNetSpec())
   k = len(mc.units)
   assert mc.flop_fraction(np.ones((3, k), bool)) == pytest.approx(1.0)
-  none = mc.flop_fraction(np.zeros((1, k), bool))
-  skip = sum(u.skip_flops for u in mc.units)
-  assert none == pytest.approx((mc.always_flops + skip) / mc.total_flops)
+  # Two steps: all units, then all but the first (down_0_res_0, no shortcut): by hand.
+  masks = np.ones((2, k), bool)
+  masks[1, 0] = False
+  want = 1 - 0.5 * mc.units[0].run_flops / mc.total_flops
+  assert mc.flop_fraction(masks) == pytest.approx(want, rel=1e-12)
+  with pytest.raises(ValueError, match='masks'):
+    mc.flop_fraction(np.ones((2, k - 1), bool))
 
 
 def test_matches_xla_cost_analysis(tiny_model):
   model, params = tiny_model
   mc = cost.model_cost(model.spec)
   xla_total = cost.xla_flops(model, params)
-  assert mc.total_flops == pytest.approx(xla_total, rel=0.03)
+  assert mc.total_flops == pytest.approx(xla_total, rel=2e-4)
   k = len(mc.units)
   for i in range(k):
     keep = [True] * k
     keep[i] = False
     saved_xla = xla_total - cost.xla_flops(model, params, keep)
     u = mc.units[i]
-    assert u.run_flops - u.skip_flops == pytest.approx(saved_xla, rel=0.03), u.name
+    assert u.run_flops - u.skip_flops == pytest.approx(saved_xla, rel=1.5e-3), u.name
