@@ -102,13 +102,38 @@ def test_static_mask_removes_skipped_units_from_the_program(tiny_model):
   assert none.count('stablehlo.convolution') == 2 + n_resample + n_shortcuts
 
 
-def test_soft_gate_of_one_equals_ungated(tiny_model):
+def _scale_residual_branches(params, units, weights):
+  """Oracle for soft gates: skip + g (unit - skip) is the unit with its residual branch times g.
+
+  A ResBlock is shortcut(x) + conv2(h) and its skip shortcut(x); attention is x + proj_out(.)
+  and its skip x. Scaling conv2's / proj_out's kernel and bias by g gives skip + g * (unit - skip)
+  for that unit, with the plain ungated model and no gating code.
+  """
+  p = unfreeze(jax.tree_util.tree_map(lambda a: a, params))
+  for u, g in zip(units, weights):
+    last = 'conv2' if u.kind == 'res' else 'proj_out'
+    p[u.name][last] = jax.tree_util.tree_map(lambda a: a * np.float32(g), p[u.name][last])
+  return p
+
+
+def test_soft_gates_blend_at_03_and_07(tiny_model):
   model, params = tiny_model
   x, t = _inputs()
-  logits = jnp.full((x.shape[0], model.num_units), 1e4)  # sigmoid(1e4) == 1.0 in float32
-  soft = model.apply({'params': params}, x, t, gates=gates.TrainingGates(logits, hard=False))
-  ref = model.apply({'params': params}, x, t)
-  np.testing.assert_allclose(np.asarray(soft), np.asarray(ref), atol=1e-6)
+  k = model.num_units
+  rng = np.random.default_rng(4)
+  g = rng.choice([0.3, 0.7], size=(2, k))   # per sample and unit
+  g[0, :2], g[1, :2] = (0.3, 0.7), (0.7, 0.3)
+  logits = jnp.asarray(np.log(g / (1 - g)), jnp.float32)
+  soft = np.asarray(model.apply({'params': params}, x, t,
+                                gates=gates.TrainingGates(logits, hard=False)))
+  apply = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t))
+  for b in range(2):
+    oracle = apply(_scale_residual_branches(params, model.units, g[b]), x[b:b + 1], t[b:b + 1])
+    np.testing.assert_allclose(soft[b:b + 1], np.asarray(oracle), atol=3e-6, rtol=0)  # measured 1.4e-6
+  # Not a near-identity: the blend is far from both the full and the all-skipped network.
+  full = np.asarray(model.apply({'params': params}, x, t))
+  none = np.asarray(model.apply({'params': params}, x, t, gates=gates.StaticMask((False,) * k)))
+  assert np.abs(soft - full).max() > 1e-2 and np.abs(soft - none).max() > 1e-2
 
 
 def test_hard_training_gates_forward_equals_static_mask(tiny_model):
