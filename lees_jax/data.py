@@ -105,15 +105,13 @@ def num_examples(data_config, split: str | None = None) -> int:
   _check_dataset(data_config.dataset)
   if data_config.dataset == SUBSET:
     return int(load_subset(split, data_config.get('subset_path', ''))[0].shape[0])
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  configure_tensorflow()
-  try:
-    builder = tfds.builder(data_config.dataset, data_dir=data_config.data_dir or None)
-    return int(builder.info.splits[split].num_examples)
-  except Exception:  # not prepared yet / mocked: fall back to the published sizes
-    if (data_config.dataset, split) in _KNOWN_SIZES:
-      return _KNOWN_SIZES[(data_config.dataset, split)]
-    raise
+  from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
+  splits = data_prep.prepare(data_config.dataset, data_config.data_dir or None).info.splits
+  if split in splits:
+    return int(splits[split].num_examples)
+  if (data_config.dataset, split) in _KNOWN_SIZES:  # no split metadata (tfds.testing.mock_data)
+    return _KNOWN_SIZES[(data_config.dataset, split)]
+  raise ValueError(f'{data_config.dataset} has no split {split!r}; it has {sorted(splits)}')
 
 
 # ---------------------------------------------------------------------------
@@ -176,15 +174,16 @@ def _subset_iterator(data_config, split, global_batch_size, seed, start_step, ra
 
 def _tfds_iterator(data_config, split, global_batch_size, seed, start_step, random_flip,
                    process_index, process_count) -> Iterator[dict[str, np.ndarray]]:
+  from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
+  builder = data_prep.prepare(data_config.dataset, data_config.data_dir or None)
   tf = configure_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   local = local_batch_size(global_batch_size, process_count)
   process_split = tfds.split_for_jax_process(split, process_index=process_index,
                                              process_count=process_count)
-  read_config = tfds.ReadConfig(shuffle_seed=seed)
-  ds = tfds.load(data_config.dataset, split=process_split, data_dir=data_config.data_dir or None,
-                 shuffle_files=True, read_config=read_config)
+  ds = builder.as_dataset(split=process_split, shuffle_files=True,
+                          read_config=tfds.ReadConfig(shuffle_seed=seed))
   ds = ds.map(lambda ex: ex['image'], num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if data_config.shuffle_buffer > 1:
     ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -276,11 +275,17 @@ def split_images(data_config, split: str) -> np.ndarray:
   if data_config.dataset == SUBSET:
     images = load_subset(split, data_config.get('subset_path', ''))[0]
     return images[_split_slice(split, images.shape[0])]
-  configure_tensorflow()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  ds = tfds.load(data_config.dataset, split=split, data_dir=data_config.data_dir or None,
-                 batch_size=-1, shuffle_files=False)
-  return np.asarray(tfds.as_numpy(ds)['image'], np.uint8)
+  return tfds_images(data_config.dataset, split, data_config.data_dir)
+
+
+def tfds_images(name: str, split: str, data_dir: str = '') -> np.ndarray:
+  """Every image of TFDS ``name``'s ``split`` as uint8 NHWC, in dataset order (prepared first)."""
+  from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
+  builder = data_prep.prepare(name, data_dir or None)
+  tf = configure_tensorflow()
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = ds.map(lambda ex: ex['image'], num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
+  return np.concatenate([np.asarray(b, np.uint8) for b in ds.as_numpy_iterator()])
 
 
 def _split_slice(split: str, n: int) -> slice:

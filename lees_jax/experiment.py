@@ -532,15 +532,6 @@ def time_backbone_epoch(config, num_steps: int) -> dict:
                     'included, compile step excluded)'}
 
 
-def _load_tfds_images(name: str, split: str, data_dir: str = '') -> np.ndarray:
-  from lees_jax import data  # pylint: disable=g-import-not-at-top
-  data.configure_tensorflow()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
-  ds = ds.map(lambda ex: ex['image']).batch(1000)
-  return np.concatenate([np.asarray(b, np.uint8) for b in tfds.as_numpy(ds)])
-
-
 class Robustness:
   """Cached reference statistics for ΔFID (clean split and each corruption at one severity)."""
 
@@ -565,7 +556,7 @@ class Robustness:
     for c in ex.corruptions:
       name = f'{ex.robustness_dataset}/{c}_{int(ex.severity)}'
       self.corrupted[c] = stats(name.replace('/', '_'),
-                                lambda name=name: _load_tfds_images(name, split, config.data.data_dir))
+                                lambda name=name: data.tfds_images(name, split, config.data.data_dir))
     for st in (self.clean, *self.corrupted.values()):
       fid.pin(st)
     self.fid = fid
@@ -761,6 +752,9 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
     print(f'experiment: {len(cells)} cells, {len(cells) - len(todo)} finished earlier, '
           f'{len(todo)} to run; workdir {workdir}', flush=True)
     if todo:
+      from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
+      for name in data_prep.config_datasets(config):  # all data first: fail before hours of work
+        data_prep.prepare(name, config.data.data_dir or None)
       runner = _Runner(config, workdir)
       overhead_path = os.path.join(experiment_dir(workdir), OVERHEAD_FILE)
       if ex.overhead_steps > 0 and not os.path.isfile(overhead_path):

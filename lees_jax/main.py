@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -54,11 +55,24 @@ def run_mode(config, workdir: str):
   return getattr(importlib.import_module(module_name), fn_name)(config, workdir)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+  """Errors about the user's input whose message already says cause and remedy: printed as
+  one line, without a traceback. (Imported here: each module is light.)"""
+  from lees_jax.checkpoints import BackboneError  # pylint: disable=g-import-not-at-top
+  from lees_jax.data_prep import DataError  # pylint: disable=g-import-not-at-top
+  from lees_jax.fid.inception import WeightsError  # pylint: disable=g-import-not-at-top
+  return DataError, BackboneError, WeightsError
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   _maybe_initialize_distributed()
-  run_mode(FLAGS.config, FLAGS.workdir)
+  try:
+    run_mode(FLAGS.config, FLAGS.workdir)
+  except _user_errors() as e:
+    logging.debug('user error', exc_info=True)  # the traceback only in a verbose log
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -284,16 +284,22 @@ def test_check_images_errors():
 
 
 class _FakeExtractor:
-  """Stands in for the network: the cache logic does not depend on real features."""
+  """Stands in for the network: the cache logic does not depend on real features. With
+  ``fail_after_calls`` it is killed (KeyboardInterrupt) on that call, as by Ctrl-C."""
   weights_sha1 = inception.WEIGHTS_SHA1
+  batch_size = 4
 
-  def __init__(self):
-    self.calls = 0
+  def __init__(self, fail_after_calls=None):
+    self.calls, self.fail_after_calls = 0, fail_after_calls
 
   def iter_features(self, images):
+    if self.fail_after_calls is not None and self.calls >= self.fail_after_calls:
+      raise KeyboardInterrupt("killed")
     self.calls += 1
     images = fid.check_images(images)
-    yield images.reshape(images.shape[0], -1)[:, :16].astype(np.float32)
+    x = images.reshape(images.shape[0], -1).astype(np.float32)
+    for i in range(0, len(x), self.batch_size):
+      yield x[i:i + self.batch_size, :16]
 
 
 def test_reference_stats_cache(tmp_path):
@@ -429,3 +435,36 @@ def test_cli_png_folder_end_to_end(tmp_path, capsys, cifar, jax_feats, weights_p
   assert "saved statistics of 4 images" in capsys.readouterr().out
   # (Printing "FID: ..." from statistics files is covered by test_cli_stats_files_and_errors;
   # a 2048-d Fréchet distance costs seconds on CPU, so it is not repeated here.)
+
+
+def test_reference_stats_resume_bitwise(tmp_path, capsys):
+  images = np.random.default_rng(0).integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+  whole = fid.load_or_compute_reference_stats(images, tmp_path / "a.npz", extractor=_FakeExtractor(),
+                                              chunk_size=8)
+  feats = images.reshape(50, -1)[:, :16].astype(np.float64)
+  np.testing.assert_allclose(whole.mu, feats.mean(0), rtol=1e-12)
+  np.testing.assert_allclose(whole.sigma, np.cov(feats, rowvar=False), rtol=1e-9, atol=1e-9)
+  assert "FID reference statistics a.npz: 8/50 images" in capsys.readouterr().out
+
+  cache = tmp_path / "b.npz"
+  with pytest.raises(KeyboardInterrupt):
+    fid.load_or_compute_reference_stats(images, cache, extractor=_FakeExtractor(fail_after_calls=3),
+                                        chunk_size=8)
+  assert not cache.exists() and (tmp_path / "b.npz.partial.npz").exists()
+  ex = _FakeExtractor()
+  resumed = fid.load_or_compute_reference_stats(images, cache, extractor=ex, chunk_size=8)
+  assert "resuming after 24 images" in capsys.readouterr().out
+  assert ex.calls == 4  # 26 of 50 images left: chunks of 8, 8, 8, 2
+  np.testing.assert_array_equal(resumed.mu, whole.mu)
+  np.testing.assert_array_equal(resumed.sigma, whole.sigma)
+  assert resumed.count == 50 and not (tmp_path / "b.npz.partial.npz").exists()
+
+  # A partial file of other data is not resumed from.
+  with pytest.raises(KeyboardInterrupt):
+    fid.load_or_compute_reference_stats(images, tmp_path / "c.npz",
+                                        extractor=_FakeExtractor(fail_after_calls=2), chunk_size=8)
+  other = images.copy()
+  other[0, 0, 0, 0] ^= 1
+  ex = _FakeExtractor()
+  fid.load_or_compute_reference_stats(other, tmp_path / "c.npz", extractor=ex, chunk_size=8)
+  assert ex.calls == 7

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 import warnings
 from typing import Iterable, Iterator
 
@@ -319,15 +320,20 @@ def fid_from_statistics(a: Statistics, b: Statistics, method: str = "sqrtm") -> 
 
 def save_statistics(path: str | os.PathLike, stats: Statistics, **fingerprints: str) -> None:
   """Writes mu, sigma, count (+ string fingerprints such as data_sha1) to an .npz, atomically."""
+  extra = {k: np.asarray(str(v)) for k, v in fingerprints.items() if v is not None}
+  _atomic_savez(path, mu=stats.mu, sigma=stats.sigma, count=np.asarray(stats.count, np.int64),
+                **extra)
+
+
+def _atomic_savez(path: str | os.PathLike, **arrays) -> None:
+  """np.savez to a temporary file, then rename: a crash never leaves a half-written file."""
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  extra = {k: np.asarray(str(v)) for k, v in fingerprints.items() if v is not None}
-  # Write to a temporary file then rename, so a crash never leaves a half-written cache.
   fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, mu=stats.mu, sigma=stats.sigma, count=np.asarray(stats.count, np.int64), **extra)
+      np.savez(f, **arrays)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -358,13 +364,17 @@ def load_statistics(path: str | os.PathLike) -> tuple[Statistics, dict[str, str]
 def load_or_compute_reference_stats(images: np.ndarray, cache_path: str | os.PathLike, *,
                                     extractor: FeatureExtractor | None = None,
                                     weights_path: str | os.PathLike | None = None,
-                                    batch_size: int = DEFAULT_BATCH_SIZE) -> Statistics:
-  """Reference statistics of ``images``, cached at ``cache_path``.
+                                    batch_size: int = DEFAULT_BATCH_SIZE,
+                                    chunk_size: int = 5000) -> Statistics:
+  """Reference statistics of ``images``, cached at ``cache_path``; resumable, with progress.
 
   The cache is reused only if it was computed from the same image bytes (``data_sha1``) with the
   same weights file (``weights_sha1``); otherwise it is recomputed and overwritten. (An
   extractor built from caller-supplied ``variables`` has no weights fingerprint, so its
-  statistics are never served from the cache.)
+  statistics are never served from the cache.) Images are processed in chunks of about
+  ``chunk_size`` (a multiple of the extractor's batch): after each, the running moments are
+  saved to ``<cache_path>.partial.npz``, so an interrupted run (e.g. 50k CIFAR-10 training
+  images) resumes where it stopped and gives bitwise the same statistics.
   """
   images = check_images(images)
   data_sha1 = images_fingerprint(images)
@@ -383,6 +393,46 @@ def load_or_compute_reference_stats(images: np.ndarray, cache_path: str | os.Pat
       logging.warning("FID cache %s unreadable (%s); recomputing", cache_path, e)
   if extractor is None:
     extractor = FeatureExtractor(weights_path, batch_size=batch_size)
-  stats = compute_statistics(images, extractor=extractor)
-  save_statistics(cache_path, stats, data_sha1=data_sha1, weights_sha1=weights_sha1)
+  fingerprints = dict(data_sha1=data_sha1, weights_sha1=weights_sha1)
+  partial = cache_path + ".partial.npz"
+  moments, done = _load_partial(partial, fingerprints) if weights_sha1 else (_Moments(), 0)
+  n = images.shape[0]
+  chunk = max(1, chunk_size // extractor.batch_size) * extractor.batch_size
+  start_time, start_done = time.perf_counter(), done
+  while done < n:
+    for block in extractor.iter_features(images[done:done + chunk]):
+      moments.update(block)
+    done = min(n, done + chunk)
+    if done < n:
+      _save_partial(partial, moments, done, fingerprints)
+      rate = (done - start_done) / max(time.perf_counter() - start_time, 1e-9)
+      print(f"FID reference statistics {os.path.basename(cache_path)}: {done}/{n} images, "
+            f"ETA {(n - done) / rate:.0f} s", flush=True)
+  stats = moments.result()
+  save_statistics(cache_path, stats, **fingerprints)
+  if os.path.exists(partial):
+    os.remove(partial)
   return stats
+
+
+def _save_partial(path: str, m: _Moments, done: int, fingerprints: dict) -> None:
+  _atomic_savez(path, shift=m.shift, s=m.s, ss=m.ss, n=np.asarray(m.n), done=np.asarray(done),
+                **{k: np.asarray(str(v)) for k, v in fingerprints.items()})
+
+
+def _load_partial(path: str, fingerprints: dict) -> tuple[_Moments, int]:
+  """The saved moments of an interrupted run over the same data and weights, else a fresh start."""
+  m = _Moments()
+  if not os.path.exists(path):
+    return m, 0
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if any(str(z[k]) != str(v) for k, v in fingerprints.items()):
+        return m, 0
+      m.shift, m.s, m.ss, m.n = z["shift"], z["s"], z["ss"], int(z["n"])
+      done = int(z["done"])
+  except (ValueError, OSError, KeyError) as e:
+    logging.warning("ignoring unreadable partial FID statistics %s (%s)", path, e)
+    return _Moments(), 0
+  print(f"FID reference statistics: resuming after {done} images ({path})", flush=True)
+  return m, done
