@@ -33,12 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lees_jax import cost, diffusion, gates, models, samplers  # noqa: E402
+from lees_jax import cost, diffusion, models, policies, samplers  # noqa: E402
 from train_step import load_config  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 
 def policy_for_fraction(model_cost: cost.ModelCost, timesteps, num_timesteps: int,
-                        target: float) -> gates.LeesPolicy:
+                        target: float) -> policies.LeesPolicy:
   """A LEES policy 'unit k on for t <= tau_k' whose FLOP fraction is close to ``target``."""
   k = len(model_cost.units)
   spread = np.linspace(-0.3, 0.3, k)
@@ -48,7 +48,7 @@ def policy_for_fraction(model_cost: cost.ModelCost, timesteps, num_timesteps: in
 
   def make(offset):
     tau = np.clip(offset + spread, 0.0, 1.0)
-    return gates.LeesPolicy(np.full(k, -slope), slope * tau, name=f'flops{target:.0%}')
+    return policies.LeesPolicy(np.full(k, -slope), slope * tau, name=f'flops{target:.0%}')
 
   lo, hi = -0.4, 1.4
   for _ in range(40):  # bisection on the common offset of the flip points
@@ -91,7 +91,7 @@ def main():
   params = models.init_params(model, jax.random.PRNGKey(0))
   solver = samplers.make_solver(diffusion.schedule_from_config(config.diffusion), args.sampler,
                                 args.steps)
-  mc = cost.model_cost(model.spec)
+  mc = cost.model_cost(model)
   meta = {'config': args.config, 'batch': args.batch, 'steps': args.steps, 'sampler': args.sampler,
           'dtype': args.dtype, 'device': str(jax.devices()[0].device_kind),
           'platform': jax.default_backend(), 'num_devices': jax.device_count(),
@@ -99,7 +99,7 @@ def main():
           'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
 
   records = []
-  full_ms, compile_s = time_program(samplers.compile_sampler(model, solver, gates.FullPolicy(),
+  full_ms, compile_s = time_program(samplers.compile_sampler(model, solver, policies.FullPolicy(),
                                                              args.batch), params, args.repeats)
   records.append(dict(meta, policy='full', policy_path='full', target_fraction=1.0, flop_fraction=1.0,
                       block_ratio=1.0, segments=1, latency_ms=full_ms, skip_efficiency=1.0,

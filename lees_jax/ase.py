@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lees_jax import gates as gating
+from lees_jax import policies
 
 NUM_INTERVALS = 10
 
@@ -79,19 +79,18 @@ def schedule_matrix(drop_fractions: Sequence[float], num_units: int,
 
 
 def max_drop_fraction_for(units) -> float:
-  """Default cap: every up-path unit plus the last middle unit (the D-n maximum on the UNet)."""
-  names = [u.name for u in units]
-  droppable = sum(n.startswith('up_') for n in names) + 1
-  return min(1.0, droppable / len(names))
+  """Default cap: the backbone's ASE-droppable units (on the UNet: every up-path unit plus the
+  last middle unit, the D-n maximum; on DiT: every block)."""
+  return min(1.0, sum(u.ase_droppable for u in units) / len(units))
 
 
-def named_schedule(name: str, units, max_drop_fraction: float | None = None) -> gating.SchedulePolicy:
+def named_schedule(name: str, units, max_drop_fraction: float | None = None) -> policies.SchedulePolicy:
   """'ase_default' or a Table 5 row ('D2', 'D3', 'D4', 'D7') as a policy for ``units``."""
   key = DEFAULT_SCHEDULE if name == 'ase_default' else name
   if key not in D_FRACTIONS:
     raise ValueError(f'unknown ASE schedule {name!r}; choose ase_default or one of {sorted(D_FRACTIONS)}')
   cap = max_drop_fraction_for(units) if max_drop_fraction is None else max_drop_fraction
-  return gating.SchedulePolicy(schedule_matrix(D_FRACTIONS[key], len(units), cap), name=name)
+  return policies.SchedulePolicy(schedule_matrix(D_FRACTIONS[key], len(units), cap), name=name)
 
 
 # ---------------------------------------------------------------------------
@@ -137,9 +136,9 @@ def drop_grid(starts: Sequence[int] = GRID_STARTS,
   return [GridPoint(int(s), float(f)) for s, f in itertools.product(starts, finals)]
 
 
-def grid_policy(point: GridPoint, units, max_drop_fraction: float | None = None) -> gating.SchedulePolicy:
+def grid_policy(point: GridPoint, units, max_drop_fraction: float | None = None) -> policies.SchedulePolicy:
   cap = max_drop_fraction_for(units) if max_drop_fraction is None else max_drop_fraction
-  return gating.SchedulePolicy(schedule_matrix(point.drop_fractions, len(units), cap), name=point.name)
+  return policies.SchedulePolicy(schedule_matrix(point.drop_fractions, len(units), cap), name=point.name)
 
 
 def pareto_front(records: Sequence[dict], cost_key: str = 'flop_fraction',

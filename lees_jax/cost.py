@@ -1,14 +1,10 @@
-"""Compute accounting: FLOPs per gateable unit and the FLOP fraction a policy executes.
+"""Compute accounting: the FLOP fraction a policy executes, XLA's count, and ``describe``.
 
-FLOPs are counted analytically from the model layout (`unet_layout`), per image,
-with a multiply-add counted as 2 FLOPs (XLA's convention), for convolutions,
-dense layers and the attention matmuls, plus a per-element charge for normalisation,
-activations and residual adds (see `_ELEMENTWISE`). `xla_flops` gives XLA's own count
-for a cross-check (tests compare both).
-
-A skipped ResBlock that changes channels still runs its 1x1 projection, so every unit
-has a *run* cost and a *skip* cost; the executed fraction of a policy is
+Each backbone declares its units' per-image FLOPs when run and when skipped (a skipped
+ResBlock that changes channels still runs its 1x1 projection) and the FLOPs no gate can skip
+(`lees_jax.models.backbone`). The executed fraction of a policy is
 sum over steps of (always-run + sum_k [run_k or skip_k]) / (steps * full cost).
+`xla_flops` gives XLA's own count for a cross-check (tests compare both).
 """
 
 from __future__ import annotations
@@ -16,47 +12,15 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lees_jax.models import unet as unet_lib
-
-# Element-wise FLOPs per activation element: GroupNorm (~8: mean, variance,
-# normalise, scale, shift) and swish (~4: sigmoid and product), residual add (1).
-_GROUPNORM = 8
-_SWISH = 4
-_ELEMENTWISE = _GROUPNORM + _SWISH
-
-
-def _conv(res_out: int, k: int, cin: int, cout: int, same_padding: bool = True) -> float:
-  """A k x k convolution producing res_out x res_out outputs.
-
-  With 'same' zero padding, taps that fall on the padding multiply zeros and are
-  not counted (XLA does the same): per axis k * r - 2 * (k // 2) real taps.
-  """
-  taps = k * res_out - 2 * (k // 2) if same_padding else k * res_out
-  return 2.0 * taps * taps * cin * cout + res_out * res_out * cout
-
-
-def _dense(n: int, cin: int, cout: int) -> float:
-  return 2.0 * n * cin * cout + n * cout
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitCost:
-  index: int
-  name: str
-  kind: str
-  resolution: int
-  in_ch: int
-  out_ch: int
-  run_flops: float   # FLOPs when the unit executes
-  skip_flops: float  # FLOPs when it is skipped (its 1x1 shortcut, if any)
+from lees_jax import gates as gating
+from lees_jax.models import backbone
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelCost:
-  units: tuple[UnitCost, ...]
+  units: tuple[backbone.Unit, ...]
   always_flops: float  # stem, time embedding, resampling, output head: never skipped
 
   @property
@@ -84,54 +48,15 @@ class ModelCost:
     return float(np.mean([self.flops_for_mask(m) for m in masks]) / self.total_flops)
 
 
-def _res_cost(op: unet_lib.Op, temb_dim: int) -> tuple[float, float]:
-  n = op.resolution * op.resolution
-  shortcut = _conv(op.resolution, 1, op.in_ch, op.out_ch) if op.in_ch != op.out_ch else 0.0
-  run = (_ELEMENTWISE * n * op.in_ch + _conv(op.resolution, 3, op.in_ch, op.out_ch)
-         + _SWISH * temb_dim + _dense(1, temb_dim, op.out_ch) + n * op.out_ch
-         + _ELEMENTWISE * n * op.out_ch + _conv(op.resolution, 3, op.out_ch, op.out_ch)
-         + shortcut + n * op.out_ch)
-  return run, shortcut
+def model_cost(model) -> ModelCost:
+  """Per-image FLOPs of every unit of a backbone and of its always-run remainder."""
+  return ModelCost(tuple(model.units), float(model.always_flops))
 
 
-def _attn_cost(op: unet_lib.Op) -> float:
-  n, c = op.resolution * op.resolution, op.out_ch
-  projections = 4 * _dense(n, c, c)
-  scores = 2.0 * n * n * c * 2  # q k^T and weights @ v
-  softmax = 5.0 * n * n
-  return _GROUPNORM * n * c + projections + scores + softmax + n * c
-
-
-def model_cost(spec: unet_lib.UNetSpec) -> ModelCost:
-  """Analytic per-image FLOPs of every unit and of the always-run remainder."""
-  temb_dim = 4 * spec.ch
-  r = spec.resolution
-  always = (_dense(1, spec.ch, temb_dim) + _SWISH * temb_dim + _dense(1, temb_dim, temb_dim)
-            + _conv(r, 3, spec.in_channels, spec.ch)
-            + _ELEMENTWISE * r * r * spec.ch + _conv(r, 3, spec.ch, spec.out_channels))
-  units = []
-  for op in unet_lib.unet_layout(spec):
-    if op.kind == 'down':
-      # Padded explicitly with jnp.pad (bottom/right), then a VALID strided conv.
-      always += _conv(op.resolution // 2, 3, op.in_ch, op.out_ch, same_padding=False)
-    elif op.kind == 'up':
-      always += _conv(op.resolution * 2, 3, op.in_ch, op.out_ch)
-    elif op.kind == 'res':
-      run, skip = _res_cost(op, temb_dim)
-      units.append(UnitCost(len(units), op.name, op.kind, op.resolution, op.in_ch, op.out_ch, run, skip))
-    elif op.kind == 'attn':
-      units.append(UnitCost(len(units), op.name, op.kind, op.resolution, op.in_ch, op.out_ch,
-                            _attn_cost(op), 0.0))
-  return ModelCost(tuple(units), always)
-
-
-def xla_flops(model: unet_lib.UNet, params, keep=None, batch_size: int = 1) -> float:
+def xla_flops(model, params, keep=None, batch_size: int = 1) -> float:
   """XLA's FLOP count of one forward pass per image (optionally under a static mask)."""
-  from lees_jax import gates as gating  # local import: gates imports nothing from here
-
-  spec = model.spec
-  x = jnp.zeros((batch_size, spec.resolution, spec.resolution, spec.in_channels), jnp.float32)
-  t = jnp.zeros((batch_size,), jnp.int32)
+  x = jax.ShapeDtypeStruct((batch_size,) + tuple(model.input.shape), np.float32)
+  t = jax.ShapeDtypeStruct((batch_size,), np.int32)
   mask = None if keep is None else gating.StaticMask(tuple(keep))
   fn = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t, gates=mask))
   analysis = fn.lower(params, x, t).compile().cost_analysis()
@@ -150,12 +75,13 @@ def describe(config, workdir: str) -> dict:
   model = models.build_model(config.model)
   shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
   params = models.count_params(shapes)
-  mc = model_cost(model.spec)
+  mc = model_cost(model)
   total = mc.total_flops
   rows = []
   print(f'{"idx":>3}  {"name":<16} {"kind":<5} {"res":>4} {"channels":>10} {"GFLOPs":>8} {"share":>7}')
   for u in mc.units:
-    rows.append({'index': u.index, 'name': u.name, 'kind': u.kind, 'resolution': u.resolution,
+    rows.append({'index': u.index, 'name': u.name, 'kind': u.kind, 'position': u.position,
+                 'skip': u.skip, 'ase_droppable': u.ase_droppable, 'resolution': u.resolution,
                  'in_channels': u.in_ch, 'out_channels': u.out_ch, 'gflops': u.run_flops / 1e9,
                  'skip_gflops': u.skip_flops / 1e9, 'share': u.run_flops / total})
     print(f'{u.index:>3}  {u.name:<16} {u.kind:<5} {u.resolution:>4} {f"{u.in_ch}->{u.out_ch}":>10} '

@@ -33,8 +33,7 @@ import time
 import jax
 import numpy as np
 
-from lees_jax import ase, checkpoints, models, samplers
-from lees_jax import gates as gating
+from lees_jax import ase, checkpoints, data, models, policies, samplers
 
 RESULT_KEYS = ('policy', 'seed', 'sampler', 'steps', 'num_samples', 'fid', 'latency_ms_per_100',
                'images_per_s', 'block_ratio', 'flop_fraction')
@@ -43,7 +42,7 @@ RESULT_KEYS = ('policy', 'seed', 'sampler', 'steps', 'num_samples', 'fid', 'late
 @dataclasses.dataclass
 class ResolvedPolicy:
   name: str
-  policy: gating.Policy
+  policy: policies.Policy
   params: object = None  # a backbone replacing the default one (e.g. a fine-tuned one)
 
 
@@ -56,7 +55,7 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75) -> Resolve
   kind, _, arg = spec.partition(':')
   units = model.units
   if kind == 'full':
-    return ResolvedPolicy('full', gating.FullPolicy())
+    return ResolvedPolicy('full', policies.FullPolicy())
   if kind == 'ase':
     return ResolvedPolicy(arg or 'ase_default', ase.named_schedule(arg or 'ase_default', units))
   if kind == 'ase_grid':
@@ -70,24 +69,23 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75) -> Resolve
     point = ase.GridPoint(int(best['start']), float(best['final']))
     return ResolvedPolicy('ase_grid', ase.grid_policy(point, units))
   if kind in ('lees', 'lees_soft'):
-    from lees_jax import train  # imports optax/orbax only when LEES gates are evaluated
-    pol = train.load_gates(arg)
+    pol = policies.load_gates(arg)
     form = 'soft' if kind == 'lees_soft' else 'hard'
     name = f'{kind}_{os.path.basename(os.path.normpath(arg))}'
-    return ResolvedPolicy(name, gating.LeesPolicy(pol.alpha, pol.beta, form=form, name=name))
+    return ResolvedPolicy(name, policies.LeesPolicy(pol.alpha, pol.beta, form=form, name=name))
   if kind == 'ase_ft':
     from lees_jax import train  # pylint: disable=g-import-not-at-top
     params, pol = train.load_ase_finetuned(arg, expected_model_config=model.spec)
     name = f'ase_ft_{os.path.basename(os.path.normpath(arg))}'
-    return ResolvedPolicy(name, gating.SchedulePolicy(pol.matrix, name=name), params)
+    return ResolvedPolicy(name, policies.SchedulePolicy(pol.matrix, name=name), params)
   if kind == 'random':
     frac, _, seed = arg.partition(':')
     try:
       frac_f = float(frac)
     except ValueError:
       raise ValueError(f'policy {spec!r}: expected random:<fraction>[:<seed>]') from None
-    p = gating.random_gate_params(int(seed or 0), len(units), frac_f)
-    return ResolvedPolicy(f'random_{frac_f:g}', gating.LeesPolicy(p['alpha'], p['beta'],
+    p = policies.random_gate_params(int(seed or 0), len(units), frac_f)
+    return ResolvedPolicy(f'random_{frac_f:g}', policies.LeesPolicy(p['alpha'], p['beta'],
                                                                   name=f'random_{frac_f:g}'))
   raise ValueError(f'unknown policy spec {spec!r}; expected full, ase:<name>, ase_grid:<file>[@budget], '
                    'lees:<dir>, lees_soft:<dir>, random:<fraction>[:<seed>] or ase_ft:<dir>')
@@ -129,7 +127,7 @@ def generate(program: samplers.SampleProgram, params, num_samples: int, seed: in
   out, t0 = [], time.perf_counter()
   for b in range(n_batches):
     x = program(params, jax.random.fold_in(base, b))
-    out.append(samplers.to_uint8(x))
+    out.append(data.to_uint8(x))
     done = min((b + 1) * program.batch_size, num_samples)
     elapsed = time.perf_counter() - t0
     eta = elapsed / (b + 1) * (n_batches - b - 1)
@@ -145,7 +143,6 @@ class Evaluator:
   """
 
   def __init__(self, config, out_dir: str, *, backbone: str | None = None):
-    from lees_jax import data
     from lees_jax import fid as fid_lib
 
     self.config = config
@@ -154,7 +151,7 @@ class Evaluator:
     _, self.params = checkpoints.load_backbone_params(self.backbone_path, config.model)
     self.model = models.build_model(config.model, dtype=config.sampler.dtype)
     self.solver = samplers.solver_from_config(config.diffusion, config.sampler)
-    self.mesh = samplers.batch_mesh() if jax.device_count() > 1 else None
+    self.mesh = data.make_mesh() if jax.device_count() > 1 else None
     self.out_dir = out_dir
     os.makedirs(out_dir, exist_ok=True)
     self.fid = fid_lib
@@ -165,7 +162,7 @@ class Evaluator:
     self.reference = f'{config.data.dataset}/{ev.reference_split}'
     print(f'FID reference: {self.reference}, {self.ref_stats.count} images')
 
-  def program(self, policy: gating.Policy, batch_size: int) -> samplers.SampleProgram:
+  def program(self, policy: policies.Policy, batch_size: int) -> samplers.SampleProgram:
     path = 'soft' if policy.soft else self.config.sampler.path
     return samplers.compile_sampler(self.model, self.solver, policy, batch_size, path=path, mesh=self.mesh)
 
@@ -202,10 +199,10 @@ class Evaluator:
     report.save_png(report.image_grid(images[:min(100, len(images))]),
                     os.path.join(self.out_dir, f'samples_{name}.png'))
     policy = resolved.policy
-    if isinstance(policy, gating.FullPolicy):
+    if isinstance(policy, policies.FullPolicy):
       return
     unit_names = [u.name for u in self.model.units]
-    if isinstance(policy, gating.LeesPolicy):
+    if isinstance(policy, policies.LeesPolicy):
       img = report.gate_heatmap(policy, unit_names, timesteps=self.solver.timesteps,
                                 title=f'{resolved.name}: g_k(t), dots = executed')
     else:

@@ -10,7 +10,7 @@ From a backbone checkpoint (``config.eval.backbone`` or ``config.gates.backbone`
   A1 soft              gates trained soft at main_lam, evaluated soft (every unit runs,
                        its output blended by g_k(t): no unit is skipped)
   A2 λ=0               gates trained hard without the compute term
-  A3 random            random fixed gates (`gates.random_gate_params`) whose keep fraction is
+  A3 random            random fixed gates (`policies.random_gate_params`) whose keep fraction is
                        the executed-block ratio of the LEES main_lam cell of the same seed
 
 For seed s the gate training uses ``config.seed = s`` and every cell samples with seed s, so
@@ -606,12 +606,10 @@ class _Runner:
   # -- policies --------------------------------------------------------------
 
   def _resolved(self, cell: Cell, cdir: str, rec_extra: dict):
-    from lees_jax import ase, evaluate  # pylint: disable=g-import-not-at-top
-    from lees_jax import gates as gating  # pylint: disable=g-import-not-at-top
-    from lees_jax import train  # pylint: disable=g-import-not-at-top
+    from lees_jax import ase, evaluate, policies  # pylint: disable=g-import-not-at-top
     model = self.evaluator.model
     if cell.kind == 'full':
-      return evaluate.ResolvedPolicy('full', gating.FullPolicy()), 'full'
+      return evaluate.ResolvedPolicy('full', policies.FullPolicy()), 'full'
     if cell.kind == 'ase':
       return evaluate.resolve_policy('ase:ase_default', model), 'ase_default'
     if cell.kind == 'ase_grid':
@@ -625,11 +623,11 @@ class _Runner:
         raise RuntimeError(f'A3 random gates take their keep fraction from the LEES λ={cell.lam:g} '
                            f'cell of seed {cell.seed}, which has not finished (see its error.txt)')
       keep = float(_read_json(main)['block_ratio'])
-      p = gating.random_gate_params(int(cell.seed), model.num_units, keep)
+      p = policies.random_gate_params(int(cell.seed), model.num_units, keep)
       rec_extra.update(random_keep_fraction=keep, gate_alpha=p['alpha'].tolist(),
                        gate_beta=p['beta'].tolist())
       name = f'random_{keep:.3f}_s{cell.seed}'
-      return evaluate.ResolvedPolicy(name, gating.LeesPolicy(p['alpha'], p['beta'], name=name)), None
+      return evaluate.ResolvedPolicy(name, policies.LeesPolicy(p['alpha'], p['beta'], name=name)), None
     if cell.kind == 'lees':
       gates_dir = os.path.join(cdir, 'gates')
       info = train_cell_gates(self.config, cell, gates_dir, self.backbone)
@@ -642,9 +640,9 @@ class _Runner:
                        gate_alpha=g['alpha'], gate_beta=g['beta'],
                        gates_executed_block_ratio=g['executed_block_ratio'],
                        gate_convergence=conv, kl_converged_fraction=conv['converged_fraction'])
-      pol = train.load_gates(gates_dir)
+      pol = policies.load_gates(gates_dir)
       name = cell.id
-      return evaluate.ResolvedPolicy(name, gating.LeesPolicy(pol.alpha, pol.beta, form=cell.form,
+      return evaluate.ResolvedPolicy(name, policies.LeesPolicy(pol.alpha, pol.beta, form=cell.form,
                                                              name=name)), None
     raise ValueError(f'unknown cell kind {cell.kind!r}')
 

@@ -1,43 +1,55 @@
-"""Gates and gate policies: which units run at which sampler step.
+"""Gate forms: how one forward pass runs its gateable units (the ``gates=`` argument).
 
-Two layers live here and nowhere else:
+Every backbone runs unit k through ``form.run(k, unit, call, skip, *args)``, where
+``call(unit, *args)`` is the unit and ``skip(unit, *args)`` what replaces it when it does not
+run (the identity, or a ResBlock's 1x1 shortcut projection). A backbone never inspects the
+form, so a new form (e.g. "reuse the cached output") needs no backbone change:
 
-1. *How one forward pass executes units* -- the ``gates=`` argument of a model:
-   `StaticMask` (Python bools, skipped units are not traced), `CondMask` (a traced
-   boolean vector, each unit behind ``lax.cond``) and `TrainingGates` (gate logits;
-   hard with a straight-through gradient, or soft).
-2. *Policies* -- for every step of a sampler, which units run: `FullPolicy`,
-   `SchedulePolicy` (a units x time-intervals boolean matrix: ASE schedules and
-   fixed random masks) and `LeesPolicy` (learned alpha, beta; hard or soft). From a
-   policy and the sampler's timesteps we derive the per-step masks and the
-   *segments*: maximal runs of consecutive steps sharing one mask.
+* `AllUnits` (``gates=None``) -- every unit runs;
+* `StaticMask` -- Python bools in the traced program: a skipped unit is never traced;
+* `CondMask` -- a traced boolean vector (one per forward pass): each unit behind ``lax.cond``,
+  one compilation for every mask;
+* `StraightThrough` -- LEES training with hard gates: forward 0/1 (logit > 0), backward the
+  sigmoid's gradient;
+* `SoftGates` -- the unit blended with its skip by g = sigmoid(logit) (LEES soft training and
+  soft sampling);
+* `ExampleMask` -- a fixed 0/1 decision per example and unit (ASE fine-tuning: each example
+  runs the network as the sampler would at its timestep; a dropped unit gets no gradient).
 
-LEES gate: g_k(t) = sigmoid(alpha_k * t + beta_k), t = (timestep + 1) / T in (0, 1].
-A unit runs when g_k(t) > 0.5, i.e. when its logit alpha_k * t + beta_k > 0. We decide on
-the logit rather than on the rounded sigmoid so that training, sampling and cost
-accounting can never disagree about a gate sitting at 0.5 (at initialisation
-alpha = beta = 0, g = 0.5 exactly, and the unit is *not* executed). A logit linear in t
-changes sign at most once, so a LEES policy has at most K + 1 segments.
+The three blending forms compute both the unit and its skip: training needs
+d(out)/d(gate) = unit - skip. Real skipping is for sampling (`StaticMask`, `CondMask`).
+Which units run at which sampler step is a *policy* (`lees_jax.policies`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-# ---------------------------------------------------------------------------
-# 1. How one forward pass executes its units.
-# ---------------------------------------------------------------------------
 
 
 def _check_length(n: int, num_units: int, what: str):
   if n != num_units:
     raise ValueError(f'{what} has {n} entries but the model has {num_units} gateable units')
+
+
+UnitCall = Callable[..., jax.Array]  # (unit module, *args) -> output
+
+
+@dataclasses.dataclass(frozen=True)
+class AllUnits:
+  """Every unit runs (what ``gates=None`` means)."""
+
+  def check(self, num_units: int):
+    del num_units
+
+  def run(self, k: int, unit: nn.Module, call: UnitCall, skip: UnitCall, *args):
+    del k, skip
+    return call(unit, *args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +62,9 @@ class StaticMask:
 
   def check(self, num_units: int):
     _check_length(len(self.keep), num_units, 'StaticMask')
+
+  def run(self, k, unit, call, skip, *args):
+    return call(unit, *args) if self.keep[k] else skip(unit, *args)
 
   @classmethod
   def all(cls, num_units: int) -> 'StaticMask':
@@ -71,239 +86,63 @@ class CondMask:
                        f'(per-sample masks would execute both branches), got shape {self.keep.shape}')
     _check_length(self.keep.shape[0], num_units, 'CondMask')
 
+  def run(self, k, unit, call, skip, *args):
+    return nn.cond(self.keep[k], call, skip, unit, *args)
 
-@flax.struct.dataclass
-class TrainingGates:
-  """Gate logits (K,) or (batch, K) for training.
 
-  hard=True: the forward pass uses the 0/1 decision (logit > 0) and the backward
-  pass the sigmoid's gradient (straight-through estimator). hard=False: soft gates,
-  the unit's output is blended with its skip by g = sigmoid(logit).
-  """
-  logits: jax.Array
-  hard: bool = flax.struct.field(pytree_node=False, default=True)
-
-  def check(self, num_units: int):
-    _check_length(self.logits.shape[-1], num_units, 'TrainingGates')
+class _Blend:
+  """Runs unit and skip and returns skip + w * (unit - skip), w per unit (K,) or (batch, K)."""
 
   def weights(self) -> jax.Array:
+    raise NotImplementedError
+
+  def run(self, k, unit, call, skip, *args):
+    full = call(unit, *args)
+    skipped = skip(unit, *args)
+    weight = jnp.asarray(self.weights()[..., k], full.dtype)
+    if weight.ndim == 1:  # one weight per sample
+      weight = weight.reshape(weight.shape + (1,) * (full.ndim - 1))
+    return skipped + weight * (full - skipped)
+
+
+@flax.struct.dataclass
+class StraightThrough(_Blend):
+  """Hard LEES gates for training: logits (K,) or (batch, K); forward the 0/1 decision
+  (logit > 0), backward the sigmoid's gradient."""
+  logits: jax.Array
+
+  def check(self, num_units: int):
+    _check_length(self.logits.shape[-1], num_units, 'StraightThrough')
+
+  def weights(self):
     soft = jax.nn.sigmoid(self.logits)
-    if not self.hard:
-      return soft
     decision = (self.logits > 0).astype(soft.dtype)
     return decision + soft - jax.lax.stop_gradient(soft)
 
 
-# ---------------------------------------------------------------------------
-# LEES gate parameters.
-# ---------------------------------------------------------------------------
+@flax.struct.dataclass
+class SoftGates(_Blend):
+  """Soft LEES gates: each unit blended with its skip by g = sigmoid(logit)."""
+  logits: jax.Array
+
+  def check(self, num_units: int):
+    _check_length(self.logits.shape[-1], num_units, 'SoftGates')
+
+  def weights(self):
+    return jax.nn.sigmoid(self.logits)
 
 
-def init_gate_params(num_units: int) -> dict[str, jax.Array]:
-  """alpha = beta = 0: every gate starts at g = 0.5 (the paper's neutral start)."""
-  return {'alpha': jnp.zeros((num_units,), jnp.float32),
-          'beta': jnp.zeros((num_units,), jnp.float32)}
+@flax.struct.dataclass
+class ExampleMask(_Blend):
+  """Fixed decisions (batch, K): example i runs unit k iff ``keep[i, k]``; a dropped unit
+  contributes exactly its skip and no gradient (ASE fine-tuning)."""
+  keep: jax.Array
+
+  def check(self, num_units: int):
+    _check_length(self.keep.shape[-1], num_units, 'ExampleMask')
+
+  def weights(self):
+    return self.keep.astype(jnp.float32)
 
 
-def normalized_time(timesteps, num_timesteps: int):
-  """t = (timestep + 1) / T in (0, 1] for integer diffusion timesteps in [0, T)."""
-  return (jnp.asarray(timesteps, jnp.float32) + 1.0) / num_timesteps
-
-
-def gate_logits(params, t):
-  """alpha * t + beta for normalised times t of any shape; result has a trailing K axis."""
-  t = jnp.asarray(t, jnp.float32)[..., None]
-  return params['alpha'] * t + params['beta']
-
-
-def gate_values(params, t):
-  """g_k(t) = sigmoid(alpha_k t + beta_k)."""
-  return jax.nn.sigmoid(gate_logits(params, t))
-
-
-def random_gate_params(rng: np.random.Generator | int, num_units: int,
-                       keep_fraction: float, slope: float = 20.0) -> dict[str, np.ndarray]:
-  """Random, fixed LEES gates (ablation A3) whose executed fraction averages ``keep_fraction``.
-
-  Each unit is on for a random fraction f_k of (0, 1] (mean ``keep_fraction``), either
-  near the data (t < f_k) or near the noise (t > 1 - f_k), with a random direction.
-  """
-  if not 0.0 <= keep_fraction <= 1.0:
-    raise ValueError(f'keep_fraction must be in [0, 1], got {keep_fraction}')
-  rng = np.random.default_rng(rng)
-  lo, hi = max(0.0, 2 * keep_fraction - 1), min(1.0, 2 * keep_fraction)
-  frac = rng.uniform(lo, hi, size=num_units)
-  on_near_data = rng.random(num_units) < 0.5
-  # Near data: on for t < f  -> alpha < 0, flip at t = f.
-  # Near noise: on for t > 1 - f -> alpha > 0, flip at t = 1 - f.
-  alpha = np.where(on_near_data, -slope, slope).astype(np.float32)
-  flip = np.where(on_near_data, frac, 1.0 - frac)
-  beta = (-alpha * flip).astype(np.float32)
-  return {'alpha': alpha, 'beta': beta}
-
-
-# ---------------------------------------------------------------------------
-# 2. Policies.
-# ---------------------------------------------------------------------------
-
-
-class Policy:
-  """Which units run at each sampler step. Subclasses define `step_masks`."""
-  kind: str = 'policy'
-  # Soft policies blend every unit at every step and so never skip.
-  soft: bool = False
-
-  def step_masks(self, timesteps: Sequence[int], num_timesteps: int,
-                 num_units: int) -> np.ndarray:
-    """(num_steps, K) bool: unit k runs at sampler step i (timesteps[i])."""
-    raise NotImplementedError
-
-  def step_weights(self, timesteps: Sequence[int], num_timesteps: int,
-                   num_units: int) -> np.ndarray:
-    """(num_steps, K) float: blend weight of each unit (1/0 for hard policies)."""
-    return self.step_masks(timesteps, num_timesteps, num_units).astype(np.float32)
-
-  def to_dict(self) -> dict:
-    raise NotImplementedError
-
-
-@dataclasses.dataclass(frozen=True)
-class FullPolicy(Policy):
-  """Every unit at every step (B1)."""
-  kind = 'full'
-
-  def step_masks(self, timesteps, num_timesteps, num_units):
-    return np.ones((len(timesteps), num_units), bool)
-
-  def to_dict(self):
-    return {'kind': self.kind}
-
-
-def interval_index(timesteps: Sequence[int], num_timesteps: int, num_intervals: int) -> np.ndarray:
-  """Interval i covers normalised t in (i/n, (i+1)/n]; t = (timestep+1)/T."""
-  t = (np.asarray(timesteps, np.float64) + 1.0) / num_timesteps
-  return np.clip(np.ceil(t * num_intervals - 1e-9).astype(int) - 1, 0, num_intervals - 1)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SchedulePolicy(Policy):
-  """A fixed (K x n_intervals) boolean matrix over equal intervals of t (ASE, random masks)."""
-  matrix: np.ndarray
-  name: str = 'schedule'
-  kind = 'schedule'
-
-  def __post_init__(self):
-    m = np.asarray(self.matrix)
-    if m.ndim != 2 or m.shape[1] < 1:
-      raise ValueError(f'schedule matrix must be (units, intervals), got shape {m.shape}')
-    object.__setattr__(self, 'matrix', m.astype(bool))
-
-  def step_masks(self, timesteps, num_timesteps, num_units):
-    _check_length(self.matrix.shape[0], num_units, f'schedule {self.name!r}')
-    idx = interval_index(timesteps, num_timesteps, self.matrix.shape[1])
-    return self.matrix[:, idx].T.copy()
-
-  def to_dict(self):
-    return {'kind': self.kind, 'name': self.name, 'matrix': self.matrix.astype(int).tolist()}
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LeesPolicy(Policy):
-  """Learned gates g_k(t) = sigmoid(alpha_k t + beta_k); hard (threshold 0.5) or soft."""
-  alpha: np.ndarray
-  beta: np.ndarray
-  form: str = 'hard'
-  name: str = 'lees'
-  kind = 'lees'
-
-  def __post_init__(self):
-    if self.form not in ('hard', 'soft'):
-      raise ValueError(f"LEES gate form must be 'hard' or 'soft', got {self.form!r}")
-    a = np.asarray(self.alpha, np.float32).reshape(-1)
-    b = np.asarray(self.beta, np.float32).reshape(-1)
-    if a.shape != b.shape:
-      raise ValueError(f'alpha {a.shape} and beta {b.shape} must have the same shape')
-    object.__setattr__(self, 'alpha', a)
-    object.__setattr__(self, 'beta', b)
-
-  @property
-  def soft(self) -> bool:  # type: ignore[override]
-    return self.form == 'soft'
-
-  def step_logits(self, timesteps, num_timesteps, num_units) -> np.ndarray:
-    """(num_steps, K) alpha_k t + beta_k at each step's normalised time."""
-    _check_length(self.alpha.shape[0], num_units, f'LEES gates {self.name!r}')
-    t = (np.asarray(timesteps, np.float32) + np.float32(1.0)) / np.float32(num_timesteps)
-    return self.alpha[None, :] * t[:, None] + self.beta[None, :]
-
-  def step_masks(self, timesteps, num_timesteps, num_units):
-    if self.soft:
-      return np.ones((len(timesteps), num_units), bool)
-    return self.step_logits(timesteps, num_timesteps, num_units) > 0
-
-  def step_weights(self, timesteps, num_timesteps, num_units):
-    logits = self.step_logits(timesteps, num_timesteps, num_units)
-    if self.soft:
-      return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-    return (logits > 0).astype(np.float32)
-
-  @classmethod
-  def from_params(cls, params, form: str = 'hard', name: str = 'lees') -> 'LeesPolicy':
-    return cls(np.asarray(params['alpha']), np.asarray(params['beta']), form=form, name=name)
-
-  def to_dict(self):
-    return {'kind': self.kind, 'name': self.name, 'form': self.form,
-            'alpha': self.alpha.tolist(), 'beta': self.beta.tolist()}
-
-
-def policy_from_dict(d: dict) -> Policy:
-  """Inverse of `Policy.to_dict` (for results files and checkpoints)."""
-  kind = d.get('kind')
-  if kind == 'full':
-    return FullPolicy()
-  if kind == 'schedule':
-    return SchedulePolicy(np.asarray(d['matrix'], bool), name=d.get('name', 'schedule'))
-  if kind == 'lees':
-    return LeesPolicy(d['alpha'], d['beta'], form=d.get('form', 'hard'), name=d.get('name', 'lees'))
-  raise ValueError(f"unknown policy kind {kind!r}; expected 'full', 'schedule' or 'lees'")
-
-
-# ---------------------------------------------------------------------------
-# Segments.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Segment:
-  """Sampler steps [start, stop) all run with the same mask ``keep``."""
-  start: int
-  stop: int
-  keep: tuple[bool, ...]
-
-  @property
-  def length(self) -> int:
-    return self.stop - self.start
-
-
-def segments_from_masks(masks: np.ndarray) -> list[Segment]:
-  """Maximal runs of consecutive steps (rows of ``masks``) sharing one mask."""
-  masks = np.asarray(masks, bool)
-  if masks.ndim != 2 or masks.shape[0] == 0:
-    raise ValueError(f'masks must be (num_steps >= 1, K), got shape {masks.shape}')
-  out: list[Segment] = []
-  start = 0
-  for i in range(1, masks.shape[0] + 1):
-    if i == masks.shape[0] or not np.array_equal(masks[i], masks[start]):
-      out.append(Segment(start, i, tuple(bool(v) for v in masks[start])))
-      start = i
-  return out
-
-
-def policy_segments(policy: Policy, timesteps: Sequence[int], num_timesteps: int,
-                    num_units: int) -> list[Segment]:
-  return segments_from_masks(policy.step_masks(timesteps, num_timesteps, num_units))
-
-
-def executed_block_ratio(masks: np.ndarray) -> float:
-  """Fraction of (step, unit) pairs executed."""
-  return float(np.asarray(masks, bool).mean())
+ALL_UNITS = AllUnits()

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lees_jax import gates as gating
+from lees_jax import policies
 
 
 def _figure(width: float, height: float):
@@ -39,8 +39,8 @@ def gate_heatmap(policy_or_params, unit_names: Sequence[str] | None = None, *,
   sampler's original timesteps) the executed (unit, step) pairs of the hard policy are dots.
   """
   policy = policy_or_params
-  if not isinstance(policy, gating.LeesPolicy):
-    policy = gating.LeesPolicy.from_params(policy_or_params)
+  if not isinstance(policy, policies.LeesPolicy):
+    policy = policies.LeesPolicy.from_params(policy_or_params)
   k = policy.alpha.shape[0]
   names = list(unit_names) if unit_names is not None else [str(i) for i in range(k)]
   if len(names) != k:
@@ -58,7 +58,7 @@ def gate_heatmap(policy_or_params, unit_names: Sequence[str] | None = None, *,
   for unit in np.nonzero((policy.alpha != 0) & (flip > 0) & (flip < 1))[0]:
     ax.plot([flip[unit]] * 2, [unit - 0.5, unit + 0.5], color='k', linewidth=1.2)
   if timesteps is not None:
-    masks = gating.LeesPolicy(policy.alpha, policy.beta, 'hard').step_masks(
+    masks = policies.LeesPolicy(policy.alpha, policy.beta, 'hard').step_masks(
         timesteps, num_timesteps, k)
     tn = (np.asarray(timesteps, np.float64) + 1.0) / num_timesteps
     steps, units = np.nonzero(masks)
@@ -446,7 +446,7 @@ def write_report(workdir: str) -> str:
         g = json.load(f)
       alpha, beta = g['alpha'], g['beta']
     if r.get('kind') in ('lees', 'random') and alpha is not None:
-      pol = gating.LeesPolicy(np.asarray(alpha), np.asarray(beta), form=r.get('form', 'hard'))
+      pol = policies.LeesPolicy(np.asarray(alpha), np.asarray(beta), form=r.get('form', 'hard'))
       img = gate_heatmap(pol, r['unit_names'], num_timesteps=r['num_timesteps'], timesteps=r['timesteps'],
                          title=f'{l}, seed {r["seed"]}: g_k(t); dots = executed at sampler steps')
     elif r.get('kind') != 'full' and r.get('masks'):

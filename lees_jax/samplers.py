@@ -11,6 +11,9 @@ jitted program ``fn(params, rng) -> x0`` along one of three paths:
   input and every unit sits behind ``lax.cond`` (one compilation for any mask);
 * ``'soft'`` -- soft LEES gates: every unit runs and is blended with its skip by g(t).
 
+The gate forms (`lees_jax.gates`) carry each path into the backbone; the policy
+(`lees_jax.policies`) says which units run at which step.
+
 Every path uses the same step function, step index ``i`` and per-step noise key
 ``fold_in(rng, i)``, so the paths give the same samples for the same key and gates.
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lees_jax import cost as cost_lib
 from lees_jax import diffusion
 from lees_jax import gates as gating
+from lees_jax import policies
 
 SAMPLERS = ('ddpm', 'ddim', 'dpm_solver++')
 PATHS = ('segments', 'cond', 'soft')
@@ -170,9 +174,9 @@ class SampleProgram:
   jitted: Callable[..., jax.Array]
   operand: jax.Array                 # the traced per-step masks / logits (empty for segments)
   path: str
-  policy: gating.Policy
+  policy: policies.Policy
   masks: np.ndarray                  # (steps, K) executed units per step
-  segments: list[gating.Segment]
+  segments: list[policies.Segment]
   block_ratio: float                 # executed (step, unit) pairs / all
   flop_fraction: float               # executed FLOPs / full model FLOPs
   batch_size: int
@@ -185,17 +189,11 @@ class SampleProgram:
     return self.jitted.lower(params, rng, self.operand)
 
 
-def default_path(policy: gating.Policy) -> str:
+def default_path(policy: policies.Policy) -> str:
   return 'soft' if policy.soft else 'segments'
 
 
-def batch_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all (or the given) devices with axis 'batch'."""
-  devices = np.asarray(devices if devices is not None else jax.devices())
-  return Mesh(devices.reshape(-1), ('batch',))
-
-
-def compile_sampler(model, solver: Solver, policy: gating.Policy, batch_size: int, *,
+def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: int, *,
                     path: str | None = None, mesh: Mesh | None = None) -> SampleProgram:
   """One jitted program sampling ``batch_size`` images under ``policy``.
 
@@ -207,12 +205,11 @@ def compile_sampler(model, solver: Solver, policy: gating.Policy, batch_size: in
   if policy.soft != (path == 'soft'):
     raise ValueError(f"policy {policy.kind!r} ({'soft' if policy.soft else 'hard'}) cannot use path "
                      f"{path!r}: soft gates need path='soft', hard policies 'segments' or 'cond'")
-  spec = model.spec
   k = model.num_units
   masks = policy.step_masks(solver.timesteps, solver.num_original_timesteps, k)
-  segments = gating.segments_from_masks(masks)
-  mc = cost_lib.model_cost(spec)
-  shape = (batch_size, spec.resolution, spec.resolution, spec.in_channels)
+  segments = policies.segments_from_masks(masks)
+  mc = cost_lib.model_cost(model)
+  shape = (batch_size,) + tuple(model.input.shape)
   if mesh is not None and batch_size % mesh.devices.size:
     raise ValueError(f'batch size {batch_size} is not divisible by the {mesh.devices.size} devices '
                      'of the mesh')
@@ -243,7 +240,7 @@ def compile_sampler(model, solver: Solver, policy: gating.Policy, batch_size: in
     else:
       state = jax.lax.fori_loop(
           0, solver.num_steps,
-          lambda i, s: step(params, rng, i, s, gating.TrainingGates(mask_matrix[i], hard=False)),
+          lambda i, s: step(params, rng, i, s, gating.SoftGates(mask_matrix[i])),
           state)
     return state[0]
 
@@ -252,14 +249,8 @@ def compile_sampler(model, solver: Solver, policy: gating.Policy, batch_size: in
   elif path == 'cond':
     operand = jnp.asarray(masks)
   else:
-    # TrainingGates(hard=False) blends each unit by sigmoid(logit) = g_k(t).
+    # SoftGates blends each unit by sigmoid(logit) = g_k(t).
     operand = jnp.asarray(policy.step_logits(solver.timesteps, solver.num_original_timesteps, k))
   jitted = jax.jit(run, out_shardings=x_sharding) if x_sharding is not None else jax.jit(run)
   return SampleProgram(jitted, operand, path, policy, masks, segments,
-                       gating.executed_block_ratio(masks), mc.flop_fraction(masks), batch_size)
-
-
-def to_uint8(x) -> np.ndarray:
-  """[-1, 1] float NHWC -> uint8 NHWC."""
-  x = np.asarray(x, np.float32)
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+                       policies.executed_block_ratio(masks), mc.flop_fraction(masks), batch_size)

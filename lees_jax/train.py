@@ -54,10 +54,11 @@ from lees_jax import cost
 from lees_jax import data
 from lees_jax import diffusion
 from lees_jax import gates as gating
+from lees_jax import policies
 from lees_jax import models
 
 Pytree = Any
-GATES_FILE = 'gates.json'
+GATES_FILE = policies.GATES_FILE
 CHECKPOINT_DIR = 'checkpoints'
 
 
@@ -218,9 +219,9 @@ def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool):
     x0 = batch['image']
     t, noise = draw_t_noise(rng, x0, schedule.num_steps)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
-    logits = gating.gate_logits(gate_params, gating.normalized_time(t, T))  # (B, K)
-    eps = model.apply({'params': backbone}, x_t, t,
-                      gates=gating.TrainingGates(logits, hard=hard), train=False)
+    logits = policies.gate_logits(gate_params, policies.normalized_time(t, T))  # (B, K)
+    form = gating.StraightThrough(logits) if hard else gating.SoftGates(logits)
+    eps = model.apply({'params': backbone}, x_t, t, gates=form, train=False)
     mse = diffusion.eps_mse(eps, noise).mean()
     gate_mean = jax.nn.sigmoid(logits).mean()
     loss = mse + lam * gate_mean
@@ -264,13 +265,13 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
   schedule = diffusion.schedule_from_config(config.diffusion)
   T = schedule.num_steps
   timesteps = sampler_timesteps(config)
-  model_cost = cost.model_cost(model.spec)
+  model_cost = cost.model_cost(model)
   optimizer = optax.adam(gc.learning_rate, b1=gc.b1, b2=gc.b2)
 
   def hard_stats(params):
-    policy = gating.LeesPolicy.from_params(jax.device_get(params), form='hard')
+    policy = policies.LeesPolicy.from_params(jax.device_get(params), form='hard')
     masks = policy.step_masks(timesteps, T, K)
-    return policy, masks, gating.executed_block_ratio(masks), model_cost.flop_fraction(masks)
+    return policy, masks, policies.executed_block_ratio(masks), model_cost.flop_fraction(masks)
 
   def host_scalars(state):
     params = jax.device_get(state['params'])
@@ -286,7 +287,7 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
       return {}
     from lees_jax import report  # pylint: disable=g-import-not-at-top
     params = jax.device_get(state['params'])
-    img = report.gate_heatmap(gating.LeesPolicy.from_params(params, form=gc.form), unit_names,
+    img = report.gate_heatmap(policies.LeesPolicy.from_params(params, form=gc.form), unit_names,
                               num_timesteps=T, timesteps=timesteps,
                               title=f'LEES gates, step {int(state["step"])} '
                                     f'(lam={gc.lam}, {gc.form}; dots: executed at sampler steps)')
@@ -308,7 +309,7 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
                     'timesteps': [int(t) for t in timesteps]},
         'num_timesteps': T, 'backbone': backbone_dir,
         'hard_masks': np.asarray(masks, int).tolist(),
-        'policy': gating.LeesPolicy.from_params(params, form=gc.form).to_dict(),
+        'policy': policies.LeesPolicy.from_params(params, form=gc.form).to_dict(),
         'config': config.to_dict(),
     }
     del policy
@@ -318,7 +319,7 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
 
   return Objective(
       name='train_gates', section=gc, num_train_steps=_num_steps(gc, config.data),
-      init_trainable=lambda rng: gating.init_gate_params(K), frozen=backbone,
+      init_trainable=lambda rng: policies.init_gate_params(K), frozen=backbone,
       loss_fn=gate_loss_fn(model, schedule, float(gc.lam), gc.form == 'hard'),
       optimizer=optimizer, ema_decay=None, random_flip=False,  # paper: no augmentation
       host_scalars=host_scalars, images=images, image_every=int(gc.get('heatmap_every', 0)),
@@ -332,14 +333,10 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
 # ---------------------------------------------------------------------------
 
 ASE_SCHEDULE_FILE = 'ase_schedule.json'
-# |logit| of the fixed hard gates that carry a schedule into the training forward pass:
-# sigmoid(30) == 1.0 in float32, so the straight-through weights are exactly 1 (kept) or
-# exactly 0 (dropped) and a dropped unit contributes its skip path and no gradient.
-ASE_GATE_LOGIT = 30.0
 ASE_REWEIGHTS = ('none', 'paper')
 
 
-def resolve_ase_schedule(spec: str, units, config=None) -> gating.SchedulePolicy:
+def resolve_ase_schedule(spec: str, units, config=None) -> policies.SchedulePolicy:
   """``config.ase_ft.schedule`` -> the fixed schedule the backbone is fine-tuned under.
 
   Accepted specs:
@@ -379,7 +376,7 @@ def resolve_ase_schedule(spec: str, units, config=None) -> gating.SchedulePolicy
     if 'matrix' not in d:
       raise ValueError(f'config.ase_ft.schedule={spec!r}: {path} has no "matrix" (a (units, '
                        'intervals) 0/1 keep matrix)')
-    policy = gating.SchedulePolicy(np.asarray(d['matrix'], bool),
+    policy = policies.SchedulePolicy(np.asarray(d['matrix'], bool),
                                    name=d.get('name', os.path.splitext(os.path.basename(path))[0]))
     if policy.matrix.shape[0] != len(units):
       raise ValueError(f'config.ase_ft.schedule={spec!r}: the matrix has {policy.matrix.shape[0]} '
@@ -409,7 +406,7 @@ def ase_time_weight(t, num_timesteps: int, step, reweight: str = 'paper', coef: 
   and 1 + coef at the noise end, where the schedule drops the most units; it needs no knowledge
   of the schedule, and coef = 0 or reweight_steps = 0 recovers lambda = 1.
   """
-  t_n = gating.normalized_time(t, num_timesteps)
+  t_n = policies.normalized_time(t, num_timesteps)
   if reweight == 'none':
     return jnp.ones_like(t_n)
   if reweight == 'paper':
@@ -425,8 +422,7 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   """ASE fine-tuning: the backbone (its EMA params) trained under a fixed ASE schedule.
 
   Every example runs the network as the sampler would at its timestep: the schedule's keep
-  column for the example's interval becomes fixed hard `gates.TrainingGates` (logits
-  +/-ASE_GATE_LOGIT), so a dropped unit contributes exactly its skip path (identity, or the 1x1
+  column for the example's interval becomes the fixed per-example mask `gates.ExampleMask`, so a dropped unit contributes exactly its skip path (identity, or the 1x1
   shortcut of a ResBlock that changes channels -- that projection runs and is trained) and gets
   exactly zero gradient from that example. Loss: mean_i lambda(t_i) ||eps - eps_theta||^2 with
   `ase_time_weight` (the DDPM UNet predicts eps only, so the paper's hybrid loss reduces to
@@ -469,9 +465,8 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
     t, noise = draw_t_noise(rng, x0, T)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     keep = jnp.asarray(keep_table)[t]  # (B, K)
-    logits = jnp.where(keep, ASE_GATE_LOGIT, -ASE_GATE_LOGIT).astype(jnp.float32)
     eps = model.apply({'params': merge(trainable, frozen)}, x_t, t,
-                      gates=gating.TrainingGates(logits, hard=True), train=True,
+                      gates=gating.ExampleMask(keep), train=True,
                       rngs={'dropout': jax.random.fold_in(rng, 2)})
     per_example = diffusion.eps_mse(eps, noise)
     lam = ase_time_weight(t, T, step, reweight, coef, rw_steps)
@@ -481,8 +476,8 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
 
   timesteps = sampler_timesteps(config)
   masks = policy.step_masks(timesteps, T, K)
-  ratio = gating.executed_block_ratio(masks)
-  flops = cost.model_cost(model.spec).flop_fraction(masks)
+  ratio = policies.executed_block_ratio(masks)
+  flops = cost.model_cost(model).flop_fraction(masks)
 
   def host_scalars(state):
     return {'learning_rate': float(lr(int(state['step']))), 'executed_ratio': ratio,
@@ -528,7 +523,7 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
 
 
 def load_ase_finetuned(workdir: str, expected_model_config=None
-                       ) -> tuple[Pytree, gating.SchedulePolicy]:
+                       ) -> tuple[Pytree, policies.SchedulePolicy]:
   """(EMA params, schedule) of a finished ``ase_finetune`` run.
 
   ``workdir`` is the run's workdir or its ``backbone`` directory; the schedule is read from
@@ -554,7 +549,7 @@ def load_ase_finetuned(workdir: str, expected_model_config=None
       raise checkpoints.BackboneError(
           f'the ASE fine-tuned backbone at {workdir} ({have}) does not match the model ({want})')
   sched = meta['ase_schedule']
-  return params, gating.SchedulePolicy(np.asarray(sched['matrix'], bool), name=sched['name'])
+  return params, policies.SchedulePolicy(np.asarray(sched['matrix'], bool), name=sched['name'])
 
 
 OBJECTIVES = {'pretrain': pretrain_objective, 'train_gates': gates_objective,
@@ -610,24 +605,6 @@ def _localize_backbone(path: str) -> str:
   raise checkpoints.BackboneError(
       f'no backbone checkpoint at {path!r}: expected {checkpoints.META_FILE} and params/ in it or '
       f'in {path.rstrip("/")}/backbone')
-
-
-def load_gates(workdir: str) -> gating.LeesPolicy:
-  """The gates of a finished ``train_gates`` run (``<workdir>/gates.json``) as a LeesPolicy.
-
-  ``workdir`` may also be the path of a gates.json file.
-  """
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  p = epath.Path(workdir)
-  path = p if p.name.endswith('.json') else p / GATES_FILE
-  if not path.exists():
-    raise FileNotFoundError(f'no learned gates at {path}: expected the {GATES_FILE} that a finished '
-                            '`--config.mode=train_gates` run writes into its workdir')
-  d = json.loads(path.read_text())
-  if 'alpha' not in d or 'beta' not in d:
-    raise ValueError(f'{path} is not a gates summary (no alpha/beta)')
-  return gating.LeesPolicy(np.asarray(d['alpha'], np.float32), np.asarray(d['beta'], np.float32),
-                           form=d.get('form', 'hard'), name=d.get('name', 'lees'))
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from configs import cifar10  # noqa: E402,F401  -- the config module the tests share
+from lees_jax import models  # noqa: E402
 from lees_jax.models import unet  # noqa: E402
 
 TINY_SPEC = unet.UNetSpec(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
@@ -86,14 +87,14 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope='session')
 def tiny_model():
   model = unet.UNet(TINY_SPEC)
-  params = unet.init_params(model, jax.random.PRNGKey(0))
+  params = models.init_params(model, jax.random.PRNGKey(0))
   return model, params
 
 
 @pytest.fixture(scope='session')
 def tiny_backbone(tmp_path_factory):
   """A backbone directory of the ``tiny`` preset's model with random parameters (seed 0)."""
-  from lees_jax import checkpoints, models
+  from lees_jax import checkpoints
   c = cifar10.get_config('tiny')
   model = models.build_model(c.model)
   path = str(tmp_path_factory.mktemp('bb') / 'backbone')

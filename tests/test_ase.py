@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from lees_jax import ase, gates
+from lees_jax import ase, policies
 from lees_jax.models import unet
 
-UNITS = unet.gateable_units(unet.UNetSpec())
+UNITS = unet.UNet(unet.UNetSpec()).units
 
 
 # ASE paper (Moon et al. 2024), Appendix A, Table 5: blocks used per interval of t, [0, 0.1]
@@ -80,7 +80,7 @@ def test_ase_default_is_d3_with_paper_block_ratio():
   # interval of t = (s + 1) / 1000, so the executed-block ratio is
   # 1 - mean(0,0,4,4,8,8,12,12,16,16)/28 = 1 - 80/280 = 71.4 %.
   ts = [round(i * 999 / 49) for i in range(50)]
-  ratio = gates.executed_block_ratio(pol.step_masks(ts, 1000, 28))
+  ratio = policies.executed_block_ratio(pol.step_masks(ts, 1000, 28))
   assert ratio == pytest.approx(1 - 80 / 280, abs=1e-12)
 
 

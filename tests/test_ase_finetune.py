@@ -20,6 +20,7 @@ from lees_jax import checkpoints
 from lees_jax import data
 from lees_jax import evaluate
 from lees_jax import gates as gating
+from lees_jax import policies
 from lees_jax import main as main_lib
 from lees_jax import models
 from lees_jax import train
@@ -129,7 +130,7 @@ def test_mode_exports_backbone_and_schedule(run, backbone, schedule_file):
 
   # load_ase_finetuned: the exported EMA params and the schedule.
   params, policy = train.load_ase_finetuned(workdir, expected_model_config=_tiny().model)
-  assert isinstance(policy, gating.SchedulePolicy) and policy.name == 'custom'
+  assert isinstance(policy, policies.SchedulePolicy) and policy.name == 'custom'
   np.testing.assert_array_equal(policy.matrix, schedule_file[1])
   _, exported = checkpoints.load_backbone_params(workdir)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, exported)
@@ -240,7 +241,7 @@ def test_loss_is_sampler_forward_per_example_and_dropped_units_get_zero_gradient
   abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[t]
   x_t = (np.sqrt(abar)[:, None, None, None] * x0 +
          np.sqrt(1.0 - abar)[:, None, None, None] * noise).astype(np.float32)
-  cols = gating.interval_index(t, 1000, 10)
+  cols = policies.interval_index(t, 1000, 10)
   keep = schedule_file[1][:, cols].T
   assert not keep.all()
   mse = []

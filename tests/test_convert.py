@@ -22,7 +22,7 @@ diffusers = pytest.importorskip('diffusers')
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import lees_jax  # noqa: E402
-from lees_jax import checkpoints, convert, torch_archive  # noqa: E402
+from lees_jax import checkpoints, convert, models, torch_archive  # noqa: E402
 from lees_jax.models import unet  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +167,7 @@ def test_small_model_matches_diffusers(small, tmp_path, fmt, names):
   model, params = lees_jax.load_backbone(out)
   assert model.spec == unet.UNetSpec(ch=32, ch_mult=(1, 2), num_res_blocks=2,
                                      attn_resolutions=(16,), num_groups=8, dropout=0.1)
-  assert unet.count_params(params) == sum(p.numel() for p in ref.parameters())
+  assert models.count_params(params) == sum(p.numel() for p in ref.parameters())
   diffs = _max_diffs(ref, model, params, SMALL)
   _report(f'small {fmt} {names} names', diffs)
   assert max(diffs.values()) <= ATOL, diffs

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from lees_jax import cost
+from lees_jax import cost, models
 from lees_jax.models import unet
 
 
@@ -17,8 +17,8 @@ from lees_jax.models import unet
 def paper():
   """The 35.7M-parameter DDPM UNet (shapes only: XLA counts FLOPs without values)."""
   model = unet.UNet(unet.UNetSpec())
-  shapes = jax.eval_shape(lambda: unet.init_params(model, jax.random.PRNGKey(0)))
-  return model, shapes, cost.model_cost(model.spec), cost.xla_flops(model, shapes)
+  shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
+  return model, shapes, cost.model_cost(model), cost.xla_flops(model, shapes)
 
 
 def _one_by_one_conv(res, cin, cout):
@@ -54,11 +54,11 @@ def test_paper_unet_total_and_shares_match_xla(paper):
 
 def test_conv_count_by_hand():
   # 3x3 'same' conv on 4x4, 1->1 channel: per axis 3*4-2 = 10 real taps -> 100 MACs + 16 bias adds.
-  assert cost._conv(4, 3, 1, 1) == 2 * 100 + 16
+  assert unet._conv(4, 3, 1, 1) == 2 * 100 + 16
 
 
 def test_flop_fraction_of_masks():
-  mc = cost.model_cost(unet.UNetSpec())
+  mc = cost.model_cost(unet.UNet(unet.UNetSpec()))
   k = len(mc.units)
   assert mc.flop_fraction(np.ones((3, k), bool)) == pytest.approx(1.0)
   # Two steps: all units, then all but the first (down_0_res_0, no shortcut): by hand.
@@ -72,7 +72,7 @@ def test_flop_fraction_of_masks():
 
 def test_matches_xla_cost_analysis(tiny_model):
   model, params = tiny_model
-  mc = cost.model_cost(model.spec)
+  mc = cost.model_cost(model)
   xla_total = cost.xla_flops(model, params)
   assert mc.total_flops == pytest.approx(xla_total, rel=2e-4)
   k = len(mc.units)

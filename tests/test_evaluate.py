@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10
-from lees_jax import evaluate, gates, models
+from lees_jax import evaluate, models, policies
 
 
 def _config(backbone, policies):
@@ -58,7 +58,7 @@ def test_bad_policy_specs(tiny_backbone):
     evaluate.resolve_policy('ase_grid:/nonexistent.jsonl', model)
   with pytest.raises(FileNotFoundError, match='train_gates'):
     evaluate.resolve_policy('lees:/nonexistent', model)
-  assert isinstance(evaluate.resolve_policy('random:0.4', model).policy, gates.LeesPolicy)
+  assert isinstance(evaluate.resolve_policy('random:0.4', model).policy, policies.LeesPolicy)
 
 
 def test_corrupt_results_file_is_not_overwritten(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax.core import unfreeze
 
-from lees_jax import gates
+from lees_jax import gates, models, policies
 from lees_jax.models import layers, unet
 
 
@@ -19,8 +19,8 @@ def _inputs(batch=2, seed=1):
 
 def test_default_config_has_published_parameter_count():
   model = unet.UNet(unet.UNetSpec())
-  shapes = jax.eval_shape(lambda: unet.init_params(model, jax.random.PRNGKey(0)))
-  assert unet.count_params(shapes) == 35_746_307  # Ho et al. 2020, REFERENCE §1
+  shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
+  assert models.count_params(shapes) == 35_746_307  # Ho et al. 2020, REFERENCE §1
   units = unet.gateable_units(model.spec)
   assert len(units) == 28
   assert sum(u.kind == 'res' for u in units) == 22
@@ -125,7 +125,7 @@ def test_soft_gates_blend_at_03_and_07(tiny_model):
   g[0, :2], g[1, :2] = (0.3, 0.7), (0.7, 0.3)
   logits = jnp.asarray(np.log(g / (1 - g)), jnp.float32)
   soft = np.asarray(model.apply({'params': params}, x, t,
-                                gates=gates.TrainingGates(logits, hard=False)))
+                                gates=gates.SoftGates(logits)))
   apply = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t))
   for b in range(2):
     oracle = apply(_scale_residual_branches(params, model.units, g[b]), x[b:b + 1], t[b:b + 1])
@@ -142,7 +142,7 @@ def test_hard_training_gates_forward_equals_static_mask(tiny_model):
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(model.num_units,)).astype(np.float32)
   keep = tuple(bool(v) for v in logits > 0)
-  got = model.apply({'params': params}, x, t, gates=gates.TrainingGates(jnp.asarray(logits)))
+  got = model.apply({'params': params}, x, t, gates=gates.StraightThrough(jnp.asarray(logits)))
   want = model.apply({'params': params}, x, t, gates=gates.StaticMask(keep))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
@@ -169,8 +169,8 @@ def test_straight_through_gradient_matches_analytic_expression(tiny_model, unit_
   w = jax.random.normal(jax.random.PRNGKey(7), (2, 32, 32, 3))
 
   def loss_of_gates(gp):
-    logits = gates.gate_logits(gp, jnp.full((2,), t_norm))
-    out = model.apply({'params': params}, x, t, gates=gates.TrainingGates(logits))
+    logits = policies.gate_logits(gp, jnp.full((2,), t_norm))
+    out = model.apply({'params': params}, x, t, gates=gates.StraightThrough(logits))
     return jnp.sum(out * w)
 
   grads = jax.grad(loss_of_gates)({'alpha': jnp.asarray(alpha), 'beta': jnp.asarray(beta)})

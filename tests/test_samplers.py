@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax.core import unfreeze
 
-from lees_jax import diffusion, gates, samplers
+from lees_jax import data, diffusion, gates, policies, samplers
 
 T = 1000
 SCHED = diffusion.make_schedule(T)
@@ -100,7 +100,7 @@ def reference_dpmpp_2m(eps, shape, rng, use, clip=True):
 def test_sampler_matches_independent_reference(tiny_model, name, steps):
   model, params = tiny_model
   solver = samplers.make_solver(SCHED, name, steps, eta=0.0)
-  prog = samplers.compile_sampler(model, solver, gates.FullPolicy(), batch_size=2)
+  prog = samplers.compile_sampler(model, solver, policies.FullPolicy(), batch_size=2)
   rng = jax.random.PRNGKey(3)
   got = np.asarray(prog(params, rng))
   shape = (2, 32, 32, 3)
@@ -117,7 +117,7 @@ def test_sampler_matches_independent_reference(tiny_model, name, steps):
 def test_ddim_with_eta_matches_reference(tiny_model):
   model, params = tiny_model
   solver = samplers.make_solver(SCHED, 'ddim', 4, eta=0.7)
-  prog = samplers.compile_sampler(model, solver, gates.FullPolicy(), batch_size=2)
+  prog = samplers.compile_sampler(model, solver, policies.FullPolicy(), batch_size=2)
   rng = jax.random.PRNGKey(5)
   want = reference_ddim(_eps_fn(model, params), (2, 32, 32, 3), rng, list(range(0, T, 250)), eta=0.7)
   np.testing.assert_allclose(np.asarray(prog(params, rng)), want, atol=2e-4, rtol=1e-3)
@@ -125,7 +125,7 @@ def test_ddim_with_eta_matches_reference(tiny_model):
 
 def _policy_with_flips(k, seed):
   rng = np.random.default_rng(seed)
-  return gates.LeesPolicy(rng.normal(0, 8, k), rng.normal(0, 3, k))
+  return policies.LeesPolicy(rng.normal(0, 8, k), rng.normal(0, 3, k))
 
 
 @pytest.mark.parametrize('name', ['ddpm', 'dpm_solver++'])
@@ -158,8 +158,8 @@ def test_all_ones_policy_equals_ungated_sampler(tiny_model):
   k = model.num_units
   solver = samplers.make_solver(SCHED, 'ddpm', 4)
   rng = jax.random.PRNGKey(1)
-  on = gates.LeesPolicy(np.zeros(k), np.full(k, 5.0))  # logit 5 > 0 at every t
-  full = np.asarray(samplers.compile_sampler(model, solver, gates.FullPolicy(), 2)(params, rng))
+  on = policies.LeesPolicy(np.zeros(k), np.full(k, 5.0))  # logit 5 > 0 at every t
+  full = np.asarray(samplers.compile_sampler(model, solver, policies.FullPolicy(), 2)(params, rng))
   ones = np.asarray(samplers.compile_sampler(model, solver, on, 2)(params, rng))
   np.testing.assert_array_equal(full, ones)
   cond = np.asarray(samplers.compile_sampler(model, solver, on, 2, path='cond')(params, rng))
@@ -187,7 +187,7 @@ def test_soft_policy_blends_units(tiny_model):
   lo, hi = np.log(0.3 / 0.7), np.log(0.7 / 0.3)       # logit(0.3), logit(0.7)
   up = np.arange(k) % 2 == 0                            # g: 0.3 -> 0.7, or 0.7 -> 0.3, over t
   alpha, beta = np.where(up, hi - lo, lo - hi), np.where(up, lo, hi)
-  pol = gates.LeesPolicy(alpha, beta, form='soft')
+  pol = policies.LeesPolicy(alpha, beta, form='soft')
   solver = samplers.make_solver(SCHED, 'ddim', 4)
   use = list(range(0, T, 250))
   rng = jax.random.PRNGKey(0)
@@ -203,7 +203,7 @@ def test_soft_policy_blends_units(tiny_model):
 
   want = reference_ddim(eps, (2, 32, 32, 3), rng, use)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)  # measured 1.2e-5 (values up to 1)
-  full = np.asarray(samplers.compile_sampler(model, solver, gates.FullPolicy(), 2)(params, rng))
+  full = np.asarray(samplers.compile_sampler(model, solver, policies.FullPolicy(), 2)(params, rng))
   assert np.abs(got - full).max() > 1e-2  # the blend matters
   with pytest.raises(ValueError, match='soft'):
     samplers.compile_sampler(model, solver, pol, 2, path='segments')
@@ -213,8 +213,8 @@ def test_segmented_program_omits_skipped_units(tiny_model):
   model, params = tiny_model
   k = model.num_units
   solver = samplers.make_solver(SCHED, 'ddpm', 4)
-  none = gates.SchedulePolicy(np.zeros((k, 1), bool))
-  full = samplers.compile_sampler(model, solver, gates.FullPolicy(), 2)
+  none = policies.SchedulePolicy(np.zeros((k, 1), bool))
+  full = samplers.compile_sampler(model, solver, policies.FullPolicy(), 2)
   skip = samplers.compile_sampler(model, solver, none, 2)
   rng = jax.random.PRNGKey(0)
   n_full = full.lower(params, rng).as_text().count('stablehlo.convolution')
@@ -289,4 +289,4 @@ def test_bad_sampler_config():
 
 
 def test_to_uint8():
-  np.testing.assert_array_equal(samplers.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])
+  np.testing.assert_array_equal(data.to_uint8(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 128, 255, 255])

@@ -22,7 +22,7 @@ import pytest
 from configs import cifar10
 from lees_jax import checkpoints
 from lees_jax import data
-from lees_jax import gates as gating
+from lees_jax import policies
 from lees_jax import main as main_lib
 from lees_jax import train
 
@@ -176,12 +176,12 @@ def test_gates_run_end_to_end(gates_run, pretrained):
   assert 0.0 <= summary['executed_block_ratio'] <= 1.0
   assert 0.0 < summary['flop_fraction'] <= 1.0
   assert summary['sampler']['timesteps'] == [0, 250, 500, 749, 999]  # tiny: 5 respaced steps
-  policy = train.load_gates(workdir)
-  assert isinstance(policy, gating.LeesPolicy) and policy.form == 'hard'
+  policy = policies.load_gates(workdir)
+  assert isinstance(policy, policies.LeesPolicy) and policy.form == 'hard'
   np.testing.assert_array_equal(policy.alpha, np.asarray(state['params']['alpha']))
   np.testing.assert_array_equal(policy.beta, np.asarray(state['params']['beta']))
   masks = policy.step_masks(summary['sampler']['timesteps'], 1000, k)
-  assert gating.executed_block_ratio(masks) == summary['executed_block_ratio']
+  assert policies.executed_block_ratio(masks) == summary['executed_block_ratio']
   assert not np.all(policy.alpha == 0)  # the gates moved
 
 
@@ -279,7 +279,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(gates_run, pretrained, tm
   assert {k: v for k, v in after.items() if 'tfevents' not in k} == \
       {k: v for k, v in before.items() if 'tfevents' not in k}
   # The last good checkpoint is intact and restores the gates of the good run.
-  policy = train.load_gates(workdir)
+  policy = policies.load_gates(workdir)
   np.testing.assert_array_equal(policy.alpha, np.asarray(gates_run[1]['params']['alpha']))
 
 

@@ -10,29 +10,33 @@ order (down path, middle, up path). The published network has 28 of them
 (22 ResBlocks + 6 attention blocks); the LEES paper speaks of "K=24", which
 matches no partition of the real network, so we gate all 28 (see README).
 
-How a unit is executed is chosen per call by the ``gates`` argument
-(see `lees_jax.gates`):
+How a unit is executed is chosen per call by the ``gates`` argument, a gate form of
+`lees_jax.gates` (``None``: every unit runs); the UNet hands each unit's call and its skip to
+the form and never inspects it. A skipped ResBlock returns its shortcut (the identity, or its
+1x1 projection where channels change), skipped attention its input; every skip tensor still
+flows through the U, so shapes never change.
 
-* ``None`` -- every unit runs;
-* `gates.StaticMask` -- a tuple of Python bools baked into the traced
-  program: a skipped unit is never traced;
-* `gates.CondMask` -- a traced boolean vector; each unit sits behind
-  ``lax.cond`` (one compilation for every mask);
-* `gates.TrainingGates` -- gate logits per sample; hard gates with a
-  straight-through gradient, or soft gates that blend the unit with its skip.
+The analytic per-image FLOPs of the units (a multiply-add is 2 FLOPs, XLA's convention, plus a
+per-element charge for normalisation, activations and residual adds) are part of the unit
+description; tests compare them with XLA's cost analysis.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lees_jax import gates as gating
-from lees_jax.models import layers
+from lees_jax.models import backbone, layers
+
+# Element-wise FLOPs per activation element: GroupNorm (~8: mean, variance, normalise, scale,
+# shift) and swish (~4: sigmoid and product); a residual add is 1.
+_GROUPNORM = 8
+_SWISH = 4
+_ELEMENTWISE = _GROUPNORM + _SWISH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,16 +135,82 @@ def unet_layout(spec: UNetSpec) -> list[Op]:
 
 
 def gateable_units(spec: UNetSpec) -> list[Op]:
-  """The K gateable units in execution order; gate index k refers to this list."""
+  """The layout ops of the K gateable units in execution order; gate index k refers to this list."""
   return [op for op in unet_layout(spec) if op.gateable]
 
 
-def _blend(skip, full, weight):
-  """skip + w * (full - skip), with w a scalar or one weight per sample."""
-  weight = jnp.asarray(weight, full.dtype)
-  if weight.ndim == 1:
-    weight = weight[:, None, None, None]
-  return skip + weight * (full - skip)
+def _conv(res_out: int, k: int, cin: int, cout: int, same_padding: bool = True) -> float:
+  """FLOPs of a k x k convolution producing res_out x res_out outputs.
+
+  With 'same' zero padding, taps that fall on the padding multiply zeros and are
+  not counted (XLA does the same): per axis k * r - 2 * (k // 2) real taps.
+  """
+  taps = k * res_out - 2 * (k // 2) if same_padding else k * res_out
+  return 2.0 * taps * taps * cin * cout + res_out * res_out * cout
+
+
+def _dense(n: int, cin: int, cout: int) -> float:
+  return 2.0 * n * cin * cout + n * cout
+
+
+def _res_cost(op: Op, temb_dim: int) -> tuple[float, float]:
+  n = op.resolution * op.resolution
+  shortcut = _conv(op.resolution, 1, op.in_ch, op.out_ch) if op.in_ch != op.out_ch else 0.0
+  run = (_ELEMENTWISE * n * op.in_ch + _conv(op.resolution, 3, op.in_ch, op.out_ch)
+         + _SWISH * temb_dim + _dense(1, temb_dim, op.out_ch) + n * op.out_ch
+         + _ELEMENTWISE * n * op.out_ch + _conv(op.resolution, 3, op.out_ch, op.out_ch)
+         + shortcut + n * op.out_ch)
+  return run, shortcut
+
+
+def _attn_cost(op: Op) -> float:
+  n, c = op.resolution * op.resolution, op.out_ch
+  projections = 4 * _dense(n, c, c)
+  scores = 2.0 * n * n * c * 2  # q k^T and weights @ v
+  softmax = 5.0 * n * n
+  return _GROUPNORM * n * c + projections + scores + softmax + n * c
+
+
+def _position(name: str) -> str:
+  return {'down': 'encoder', 'mid': 'middle', 'up': 'decoder'}[name.split('_')[0]]
+
+
+def unet_units(spec: UNetSpec) -> tuple[backbone.Unit, ...]:
+  """The gateable units with their costs. ASE may drop the up path and the last middle unit
+  (the D-n maximum on the UNet, see `lees_jax.ase`)."""
+  temb_dim = 4 * spec.ch
+  units, per_position = [], {}
+  for op in gateable_units(spec):
+    if op.kind == 'res':
+      run, skip_flops = _res_cost(op, temb_dim)
+    else:
+      run, skip_flops = _attn_cost(op), 0.0
+    position = _position(op.name)
+    block = per_position.get(position, 0)
+    per_position[position] = block + 1
+    units.append(backbone.Unit(
+        index=len(units), name=op.name, kind=op.kind, position=position, block=block,
+        run_flops=run, skip_flops=skip_flops,
+        skip='shortcut_projection' if op.kind == 'res' and op.in_ch != op.out_ch else 'identity',
+        ase_droppable=position == 'decoder' or op.name == 'mid_res_1',
+        resolution=op.resolution, in_ch=op.in_ch, out_ch=op.out_ch))
+  return tuple(units)
+
+
+def unet_always_flops(spec: UNetSpec) -> float:
+  """Per-image FLOPs never skipped: time embedding, stem, resampling, output head."""
+  temb_dim = 4 * spec.ch
+  r = spec.resolution
+  always = (_dense(1, spec.ch, temb_dim) + _SWISH * temb_dim + _dense(1, temb_dim, temb_dim)
+            + _conv(r, 3, spec.in_channels, spec.ch)
+            + _ELEMENTWISE * r * r * spec.ch + _conv(r, 3, spec.ch, spec.out_channels))
+  for op in unet_layout(spec):
+    if op.kind == 'down':
+      # Padded explicitly with jnp.pad (bottom/right), then a VALID strided conv.
+      always += _conv(op.resolution // 2, 3, op.in_ch, op.out_ch, same_padding=False)
+    elif op.kind == 'up':
+      always += _conv(op.resolution * 2, 3, op.in_ch, op.out_ch)
+  return always
 
 
 class UNet(nn.Module):
@@ -148,32 +218,26 @@ class UNet(nn.Module):
   spec: UNetSpec = UNetSpec()
   dtype: Any = jnp.float32
 
+  # The backbone interface (lees_jax.models.backbone).
   @property
-  def units(self) -> list[Op]:
-    return gateable_units(self.spec)
+  def units(self) -> tuple[backbone.Unit, ...]:
+    return unet_units(self.spec)
 
   @property
   def num_units(self) -> int:
-    return len(self.units)
+    return len(gateable_units(self.spec))
 
-  def _run_unit(self, k: int, unit: nn.Module, h, temb, gates, train: bool):
-    if gates is None:
-      return unit(h, temb, train)
-    if isinstance(gates, gating.StaticMask):
-      return unit(h, temb, train) if gates.keep[k] else unit.skip(h)
-    if isinstance(gates, gating.CondMask):
-      return nn.cond(gates.keep[k],
-                     lambda mdl, x, e: mdl(x, e, train),
-                     lambda mdl, x, e: mdl.skip(x),
-                     unit, h, temb)
-    if isinstance(gates, gating.TrainingGates):
-      # Training needs d(out)/d(gate) = unit(h) - skip(h), so both are computed
-      # here; real skipping is for sampling (StaticMask / CondMask).
-      full = unit(h, temb, train)
-      skip = unit.skip(h)
-      return _blend(skip, full, gates.weights()[..., k])
-    raise TypeError(f'unsupported gates argument of type {type(gates).__name__}; expected None, '
-                    'gates.StaticMask, gates.CondMask or gates.TrainingGates')
+  @property
+  def always_flops(self) -> float:
+    return unet_always_flops(self.spec)
+
+  @property
+  def input(self) -> backbone.InputSpec:
+    s = self.spec
+    return backbone.InputSpec('pixels', (s.resolution, s.resolution, s.in_channels))
+
+  conditioning = None  # unconditional
+  output = 'eps'
 
   @nn.compact
   def __call__(self, x, t, *, gates=None, train: bool = False):
@@ -182,8 +246,10 @@ class UNet(nn.Module):
       raise ValueError(f'expected x of shape (batch, {spec.resolution}, {spec.resolution}, '
                        f'{spec.in_channels}) in NHWC, got {x.shape}')
     t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
-    if gates is not None:
-      gates.check(self.num_units)
+    gates = gating.ALL_UNITS if gates is None else gates
+    gates.check(self.num_units)
+    run_unit = lambda mdl, x, e: mdl(x, e, train)  # noqa: E731
+    skip_unit = lambda mdl, x, e: mdl.skip(x)  # noqa: E731
 
     temb = layers.timestep_embedding(t, spec.ch)
     temb = nn.Dense(4 * spec.ch, dtype=self.dtype, name='temb_dense_0')(temb)
@@ -205,11 +271,11 @@ class UNet(nn.Module):
         h = layers.Upsample(op.out_ch, dtype=self.dtype, name=op.name)(h)
       elif op.kind == 'res':
         unit = layers.ResBlock(op.out_ch, dropout=spec.dropout, name=op.name, **common)
-        h = self._run_unit(k, unit, h, temb, gates, train)
+        h = gates.run(k, unit, run_unit, skip_unit, h, temb)
         k += 1
       elif op.kind == 'attn':
         unit = layers.AttnBlock(op.out_ch, name=op.name, **common)
-        h = self._run_unit(k, unit, h, temb, gates, train)
+        h = gates.run(k, unit, run_unit, skip_unit, h, temb)
         k += 1
     h = nn.swish(layers.group_norm(spec.num_groups, spec.norm_eps, self.dtype, 'norm_out')(h))
     h = nn.Conv(spec.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
@@ -217,22 +283,9 @@ class UNet(nn.Module):
     return h.astype(jnp.float32)
 
 
-def init_params(model: UNet, rng: jax.Array, batch_size: int = 1):
-  """Initialises parameters with all units executed (every parameter exists)."""
-  spec = model.spec
-  x = jnp.zeros((batch_size, spec.resolution, spec.resolution, spec.in_channels), jnp.float32)
-  t = jnp.zeros((batch_size,), jnp.int32)
-  return model.init({'params': rng}, x, t)['params']
+def _build(model_config, dtype) -> UNet:
+  return UNet(UNetSpec.from_config(model_config), dtype=dtype)
 
 
-def count_params(params) -> int:
-  return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
-
-
-def units_in(spec: UNetSpec, names: Sequence[str]) -> list[int]:
-  """Indices of the named units (clear error for unknown names)."""
-  index = {op.name: k for k, op in enumerate(gateable_units(spec))}
-  missing = [n for n in names if n not in index]
-  if missing:
-    raise KeyError(f'unknown unit names {missing}; known units: {sorted(index)}')
-  return [index[n] for n in names]
+backbone.register(backbone.Family(
+    'ddpm_unet', _build, 'the DDPM UNet of Ho et al. (2020), e.g. google/ddpm-cifar10-32'))

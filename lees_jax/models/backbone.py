@@ -1,0 +1,117 @@
+"""What every backbone declares, and the registry keyed by ``config.model.name``.
+
+A backbone is a Flax module ``model.apply({'params': p}, x, t[, y], gates=form)`` (NHWC input,
+integer timesteps, optional class labels) that also exposes, as properties, everything the
+rest of the package reads -- and nothing else is read:
+
+* ``units``: its gateable units in execution order (`Unit`: name, kind, position, FLOPs when
+  run and when skipped, what a skip does, whether ASE may drop it);
+* ``always_flops``: per-image FLOPs that no gate can skip (stem, embeddings, head, resampling);
+* ``input``: pixels or latents, and their shape (`InputSpec`);
+* ``conditioning``: ``None`` or `ClassConditioning` (with the null class used for guidance);
+* ``output``: ``'eps'`` or ``'eps_variance'`` (epsilon plus a learned variance);
+* ``init_params(rng)``: the full parameter tree.
+
+Unit k of a forward pass runs through the gate form (``lees_jax.gates``): the backbone passes
+the unit's call and its skip and never looks at the form. Cost accounting (`lees_jax.cost`),
+the samplers, ASE schedules, training objectives, evaluation and ``describe`` go through this
+interface only, so a new backbone registers here and needs no change elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+POSITIONS = ('encoder', 'middle', 'decoder')
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One gateable unit. ``index`` is its gate index k (execution order)."""
+  index: int
+  name: str
+  kind: str            # 'res', 'attn', 'transformer', ...
+  position: str        # 'encoder' | 'middle' | 'decoder'
+  block: int           # index within its position
+  run_flops: float     # per image, when the unit runs
+  skip_flops: float    # per image, when skipped (e.g. a kept 1x1 shortcut projection)
+  skip: str            # what a skipped unit returns: 'identity' | 'shortcut_projection'
+  ase_droppable: bool  # ASE may drop it (ASE drops from the last droppable unit backwards)
+  resolution: int = 0  # spatial size it works at (describe)
+  in_ch: int = 0
+  out_ch: int = 0
+
+  def __post_init__(self):
+    if self.position not in POSITIONS:
+      raise ValueError(f'unit {self.name!r}: position must be one of {POSITIONS}, got {self.position!r}')
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """What the network denoises: ``kind`` 'pixels' or 'latents', ``shape`` (H, W, C)."""
+  kind: str
+  shape: tuple[int, int, int]
+  decoder: str | None = None  # latents: the autoencoder that turns them into pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassConditioning:
+  """Class-label conditioning; label ``null_class`` is the unconditional one (guidance)."""
+  num_classes: int
+  null_class: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A registered backbone: how to build its module from ``config.model``."""
+  name: str
+  build: Callable[[Any, Any], Any]  # (model_config, compute dtype) -> Flax module
+  description: str
+
+
+_REGISTRY: dict[str, Family] = {}
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def register(family: Family) -> Family:
+  if family.name in _REGISTRY:
+    raise ValueError(f'backbone {family.name!r} is registered twice')
+  _REGISTRY[family.name] = family
+  return family
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def compute_dtype(name: str):
+  if name not in _DTYPES:
+    raise ValueError(f'unsupported compute dtype {name!r}; choose one of {sorted(_DTYPES)}')
+  return _DTYPES[name]
+
+
+def build_model(model_config, dtype: str | None = None):
+  """The backbone ``config.model`` names (compute dtype overridable, e.g. for sampling)."""
+  family = _REGISTRY.get(model_config.name)
+  if family is None:
+    raise ValueError(f'unknown config.model.name {model_config.name!r}; registered backbones: '
+                     f'{", ".join(names())}')
+  return family.build(model_config, compute_dtype(dtype or model_config.get('dtype', 'float32')))
+
+
+def init_params(model, rng, batch_size: int = 1):
+  """The full parameter tree of a backbone (every unit executed, so every parameter exists)."""
+  x = jnp.zeros((batch_size,) + tuple(model.input.shape), jnp.float32)
+  t = jnp.zeros((batch_size,), jnp.int32)
+  if model.conditioning is None:
+    return model.init({'params': rng}, x, t)['params']
+  y = jnp.full((batch_size,), model.conditioning.null_class, jnp.int32)
+  return model.init({'params': rng}, x, t, y)['params']
+
+
+def count_params(params) -> int:
+  return int(sum(p.size for p in jax.tree_util.tree_leaves(params)))
