@@ -21,7 +21,8 @@ Mapping to the DDPM UNet (ASE never defined one; this is ours):
 
 The grid (B3) -- "exhaustive search over drop lengths" -- is, as documented in `drop_grid`,
 the family of piecewise-constant ramps that keep everything up to a start interval and
-then drop linearly more, in pairs of intervals as all Table 5 rows do.
+then drop linearly more, in pairs of intervals as Table 5's D2 and D3 rows do (D4 and D7 are
+not paired).
 """
 
 from __future__ import annotations

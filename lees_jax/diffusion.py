@@ -31,7 +31,8 @@ class Schedule:
 
   ``timesteps[i]`` is the index of step i in the *original* T-step process (the
   identity for an un-respaced schedule); the network is always called with
-  original timesteps, and gates use normalised time (timesteps + 1) / T_original.
+  original timesteps, and gates use normalised time (timesteps + 1) / T_original
+  (`lees_jax.policies.normalized_time`).
   """
   betas: np.ndarray
   timesteps: np.ndarray
@@ -53,10 +54,6 @@ class Schedule:
   def posterior_variance(self) -> np.ndarray:
     """beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) ("fixed_small")."""
     return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-
-  @property
-  def normalized_time(self) -> np.ndarray:
-    return (self.timesteps.astype(np.float64) + 1.0) / self.num_original_timesteps
 
 
 def make_schedule(num_timesteps: int = 1000, beta_schedule: str = 'linear',

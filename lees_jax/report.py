@@ -45,9 +45,8 @@ def gate_heatmap(policy_or_params, unit_names: Sequence[str] | None = None, *,
   names = list(unit_names) if unit_names is not None else [str(i) for i in range(k)]
   if len(names) != k:
     raise ValueError(f'{len(names)} unit names for {k} gates')
-  t = (np.arange(resolution, dtype=np.float64) + 1.0) / resolution
-  logits = policy.alpha[:, None].astype(np.float64) * t[None, :] + policy.beta[:, None]
-  values = 1.0 / (1.0 + np.exp(-logits))
+  t = policies.normalized_time(np.arange(resolution), resolution, np.float64)
+  values = policies.gate_values({'alpha': policy.alpha.astype(np.float64), 'beta': policy.beta}, t).T
 
   fig = _figure(8.0, 1.2 + 0.22 * k)
   ax = fig.add_subplot(1, 1, 1)
@@ -60,7 +59,7 @@ def gate_heatmap(policy_or_params, unit_names: Sequence[str] | None = None, *,
   if timesteps is not None:
     masks = policies.LeesPolicy(policy.alpha, policy.beta, 'hard').step_masks(
         timesteps, num_timesteps, k)
-    tn = (np.asarray(timesteps, np.float64) + 1.0) / num_timesteps
+    tn = policies.normalized_time(timesteps, num_timesteps, np.float64)
     steps, units = np.nonzero(masks)
     ax.scatter(tn[steps], units, s=9, c='w', marker='o', linewidths=0)
   ax.set_yticks(range(k))
@@ -106,7 +105,7 @@ def mask_heatmap(masks: np.ndarray, unit_names: Sequence[str], timesteps: Sequen
   steps, k = masks.shape
   if len(unit_names) != k or len(timesteps) != steps:
     raise ValueError(f'masks {masks.shape} do not match {len(unit_names)} units x {len(timesteps)} steps')
-  tn = (np.asarray(timesteps, np.float64) + 1.0) / num_timesteps
+  tn = policies.normalized_time(timesteps, num_timesteps, np.float64)
   order = np.argsort(tn)
   fig = _figure(8.0, 1.2 + 0.22 * k)
   ax = fig.add_subplot(1, 1, 1)

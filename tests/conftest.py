@@ -84,6 +84,21 @@ def pytest_sessionfinish(session, exitstatus):
 # --- models and backbones --------------------------------------------------------------------
 
 
+def scale_residual_branches(params, units, weights):
+  """Oracle for every gate form, written without gating code: the ungated model whose unit k has
+  its residual branch's last layer (ResBlock conv2, attention proj_out) scaled by weights[k].
+
+  A ResBlock is shortcut(x) + conv2(...) and skips to shortcut(x); attention is x + proj_out(...)
+  and skips to x. Scaling by w gives skip + w (unit - skip): w = 0 is the skipped unit, w = 1 the
+  unit, w = g a soft gate. ``weights`` may be traced (gradients w.r.t. the weights).
+  """
+  p = {name: dict(sub) for name, sub in params.items()}
+  for u, w in zip(units, weights):
+    last = 'conv2' if u.kind == 'res' else 'proj_out'
+    p[u.name][last] = jax.tree_util.tree_map(lambda a, w=w: a * w, p[u.name][last])
+  return p
+
+
 @pytest.fixture(scope='session')
 def tiny_model():
   model = unet.UNet(TINY_SPEC)
@@ -118,3 +133,24 @@ def compile_cache(tmp_path_factory):
   for n, v in old.items():
     jax.config.update(n, v)
   compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def tfds_mock(monkeypatch):
+  """``with tfds_mock(num_examples=n):`` -- TFDS's `mock_data` (random examples instead of the
+  download and preparation). No host is contacted then, so the up-front check that download
+  hosts resolve is skipped too (the real preparation path is tested in test_data_prep.py)."""
+  import contextlib
+
+  from tensorflow_datasets.testing import mock_data
+
+  from lees_jax import data_prep
+
+  @contextlib.contextmanager
+  def mocked(num_examples):
+    with monkeypatch.context() as m:
+      m.setattr(data_prep, '_check_hosts_resolve', lambda builder, name: None)
+      with mock_data(num_examples=num_examples):
+        yield
+
+  return mocked

@@ -94,13 +94,8 @@ def test_subset_per_process_rows_compose_the_global_batch():
 
 
 @pytest.fixture
-def mocked_tfds(monkeypatch):
-  from tensorflow_datasets.testing import mock_data
-  from lees_jax import data_prep
-  # mock_data replaces TFDS's download and preparation, so no host is contacted: skip the
-  # up-front check that the download hosts resolve (tested in test_data_prep.py).
-  monkeypatch.setattr(data_prep, '_check_hosts_resolve', lambda builder, name: None)
-  with mock_data(num_examples=40):
+def mocked_tfds(tfds_mock):
+  with tfds_mock(num_examples=40):
     yield
 
 

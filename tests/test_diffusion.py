@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lees_jax import diffusion
+from lees_jax import diffusion, policies
 
 
 def test_linear_schedule():
@@ -15,7 +15,8 @@ def test_linear_schedule():
   assert np.allclose(np.diff(s.betas), (0.02 - 1e-4) / 999)
   # abar_T of the DDPM schedule is ~4e-5 (hand-computed product).
   assert s.alphas_cumprod[-1] == pytest.approx(np.prod(1 - np.linspace(1e-4, 0.02, 1000)))
-  np.testing.assert_allclose(s.normalized_time[[0, 999]], [0.001, 1.0])
+  t = policies.normalized_time(s.timesteps, s.num_original_timesteps, np.float64)
+  np.testing.assert_allclose(t[[0, 999]], [0.001, 1.0])
 
 
 def test_space_timesteps_matches_improved_diffusion():

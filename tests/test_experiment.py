@@ -130,8 +130,7 @@ def _tiny_study(backbone):
 
 
 @pytest.mark.needs_fid_weights
-def test_study_end_to_end_kill_restart_failure_report(tiny_backbone, tmp_path, monkeypatch):
-  from tensorflow_datasets.testing import mock_data
+def test_study_end_to_end_kill_restart_failure_report(tiny_backbone, tmp_path, monkeypatch, tfds_mock):
   c = _tiny_study(tiny_backbone)
   w = str(tmp_path)
   ids = [x.id for x in experiment.plan_cells(c.experiment)]
@@ -149,7 +148,7 @@ def test_study_end_to_end_kill_restart_failure_report(tiny_backbone, tmp_path, m
 
   monkeypatch.setattr(evaluate.Evaluator, 'run', counting_run)
 
-  with mock_data(num_examples=8):  # cifar10_corrupted offline (the clean data: shipped subset)
+  with tfds_mock(num_examples=8):  # cifar10_corrupted offline (the clean data: shipped subset)
     # 1. Killed after the third cell (the first LEES cell; its gates are trained).
     def kill_after_three(cell, rec):
       if cell.id == ids[2]:

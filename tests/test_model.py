@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.core import unfreeze
 
+from conftest import scale_residual_branches
 from lees_jax import gates, models, policies
 from lees_jax.models import layers, unet
 
@@ -41,21 +41,6 @@ def test_all_on_masks_equal_ungated_model(tiny_model):
   np.testing.assert_allclose(np.asarray(cond), np.asarray(ref), atol=1e-5, rtol=1e-5)
 
 
-def _zero_residual_branches(params, units, keep):
-  """Oracle for skipping: zero the last linear layer of each skipped unit's residual branch.
-
-  A ResBlock is shortcut(x) + conv2(...), attention is x + proj_out(...); zeroing conv2 /
-  proj_out gives exactly the documented skip output while every other tensor, skip
-  connections included, flows as in the full network.
-  """
-  p = unfreeze(jax.tree_util.tree_map(lambda a: a, params))
-  for u, k in zip(units, keep):
-    if not k:
-      last = 'conv2' if u.kind == 'res' else 'proj_out'
-      p[u.name][last] = jax.tree_util.tree_map(jnp.zeros_like, p[u.name][last])
-  return p
-
-
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_skipped_units_follow_skip_semantics(tiny_model, seed):
   model, params = tiny_model
@@ -64,7 +49,7 @@ def test_skipped_units_follow_skip_semantics(tiny_model, seed):
   keep = tuple(bool(v) for v in rng.random(len(units)) < 0.5)
   x, t = _inputs(seed=seed)
   got = model.apply({'params': params}, x, t, gates=gates.StaticMask(keep))
-  oracle = model.apply({'params': _zero_residual_branches(params, units, keep)}, x, t)
+  oracle = model.apply({'params': scale_residual_branches(params, units, np.asarray(keep, np.float32))}, x, t)
   np.testing.assert_allclose(np.asarray(got), np.asarray(oracle), atol=1e-5, rtol=1e-5)
   cond = model.apply({'params': params}, x, t, gates=gates.CondMask(jnp.asarray(keep)))
   np.testing.assert_allclose(np.asarray(cond), np.asarray(got), atol=1e-5, rtol=1e-5)
@@ -102,20 +87,6 @@ def test_static_mask_removes_skipped_units_from_the_program(tiny_model):
   assert none.count('stablehlo.convolution') == 2 + n_resample + n_shortcuts
 
 
-def _scale_residual_branches(params, units, weights):
-  """Oracle for soft gates: skip + g (unit - skip) is the unit with its residual branch times g.
-
-  A ResBlock is shortcut(x) + conv2(h) and its skip shortcut(x); attention is x + proj_out(.)
-  and its skip x. Scaling conv2's / proj_out's kernel and bias by g gives skip + g * (unit - skip)
-  for that unit, with the plain ungated model and no gating code.
-  """
-  p = unfreeze(jax.tree_util.tree_map(lambda a: a, params))
-  for u, g in zip(units, weights):
-    last = 'conv2' if u.kind == 'res' else 'proj_out'
-    p[u.name][last] = jax.tree_util.tree_map(lambda a: a * np.float32(g), p[u.name][last])
-  return p
-
-
 def test_soft_gates_blend_at_03_and_07(tiny_model):
   model, params = tiny_model
   x, t = _inputs()
@@ -128,7 +99,7 @@ def test_soft_gates_blend_at_03_and_07(tiny_model):
                                 gates=gates.SoftGates(logits)))
   apply = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t))
   for b in range(2):
-    oracle = apply(_scale_residual_branches(params, model.units, g[b]), x[b:b + 1], t[b:b + 1])
+    oracle = apply(scale_residual_branches(params, model.units, g[b].astype(np.float32)), x[b:b + 1], t[b:b + 1])
     np.testing.assert_allclose(soft[b:b + 1], np.asarray(oracle), atol=3e-6, rtol=0)  # measured 1.4e-6
   # Not a near-identity: the blend is far from both the full and the all-skipped network.
   full = np.asarray(model.apply({'params': params}, x, t))
@@ -176,8 +147,7 @@ def test_straight_through_gradient_matches_analytic_expression(tiny_model, unit_
   grads = jax.grad(loss_of_gates)({'alpha': jnp.asarray(alpha), 'beta': jnp.asarray(beta)})
 
   def loss_of_weight(weight):
-    p = unfreeze(jax.tree_util.tree_map(lambda a: a, params))
-    p[units[k].name]['conv2'] = jax.tree_util.tree_map(lambda a: a * weight, p[units[k].name]['conv2'])
+    p = scale_residual_branches(params, units[k:k + 1], [weight])
     return jnp.sum(model.apply({'params': p}, x, t) * w)
 
   hard = 1.0 if unit_on else 0.0

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.core import unfreeze
 
+from conftest import scale_residual_branches
 from lees_jax import data, diffusion, gates, policies, samplers
 
 T = 1000
@@ -169,16 +169,6 @@ def test_all_ones_policy_equals_ungated_sampler(tiny_model):
   np.testing.assert_allclose(full, want, atol=2e-4, rtol=1e-3)
 
 
-def _blended_params(params, units, g):
-  """The ungated model's parameters with each unit's residual branch (ResBlock conv2, attention
-  proj_out) scaled by its g: then every unit computes skip + g (unit - skip), with no gating code."""
-  p = unfreeze(jax.tree_util.tree_map(lambda a: a, params))
-  for u, gk in zip(units, g):
-    last = 'conv2' if u.kind == 'res' else 'proj_out'
-    p[u.name][last] = jax.tree_util.tree_map(lambda a: a * np.float32(gk), p[u.name][last])
-  return p
-
-
 def test_soft_policy_blends_units(tiny_model):
   """Soft LEES gates between 0.3 and 0.7, changing with t, against a float64 DDIM loop whose
   epsilon at timestep s is the ungated model with every unit blended by g_k(s) by hand."""
@@ -198,7 +188,7 @@ def test_soft_policy_blends_units(tiny_model):
   def eps(x, s):
     g = 1 / (1 + np.exp(-(alpha * (s + 1) / T + beta)))
     assert 0.29 < g.min() and g.max() < 0.71
-    out = apply(_blended_params(params, model.units, g), jnp.asarray(x, jnp.float32), int(s))
+    out = apply(scale_residual_branches(params, model.units, g.astype(np.float32)), jnp.asarray(x, jnp.float32), int(s))
     return np.asarray(out, np.float64)
 
   want = reference_ddim(eps, (2, 32, 32, 3), rng, use)

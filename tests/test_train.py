@@ -16,10 +16,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import cifar10
+from conftest import scale_residual_branches
 from lees_jax import checkpoints
 from lees_jax import data
 from lees_jax import policies
@@ -334,10 +334,7 @@ def gate_oracle(pretrained):
   abar_all = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
 
   def sample_mse(w, x_t, t, noise):
-    p = {name: dict(sub) for name, sub in backbone.items()}
-    for k, u in enumerate(units):
-      last = 'conv2' if u.kind == 'res' else 'proj_out'
-      p[u.name][last] = jax.tree_util.tree_map(lambda a, k=k: a * w[k], p[u.name][last])
+    p = scale_residual_branches(backbone, units, [w[k] for k in range(len(units))])
     eps = model.apply({'params': p}, x_t[None], t[None])
     return jnp.mean((eps[0] - noise) ** 2)
 
