@@ -133,9 +133,12 @@ def _num_steps(section, data_config) -> int:
 
 
 def sampler_timesteps(config) -> list[int]:
-  """Original timesteps of the configured sampler (50-step respaced DDPM in the paper)."""
-  spacing = config.sampler.get('spacing', '') or str(config.sampler.steps)
-  return diffusion.space_timesteps(config.diffusion.num_timesteps, spacing)
+  """Original timesteps of the configured sampler, ascending: the solver's own grid (50-step
+  respaced DDPM in the paper, ``ddim<steps>`` spacing for DDIM), so that the hard masks, ratios
+  and FLOP fractions a gate run reports are those the sampler will run."""
+  from lees_jax import samplers  # pylint: disable=g-import-not-at-top
+  solver = samplers.solver_from_config(config.diffusion, config.sampler)
+  return sorted(int(t) for t in solver.timesteps)
 
 
 def pretrain_objective(config) -> Objective:

@@ -108,3 +108,19 @@ def test_straight_through_weights():
   grad = jax.grad(lambda l: gates.StraightThrough(l).weights().sum())(logits)
   s = 1 / (1 + np.exp(-np.asarray(logits)))
   np.testing.assert_allclose(np.asarray(grad), s * (1 - s), rtol=1e-6)
+
+
+@pytest.mark.parametrize('name, want', [
+    ('ddpm', [0, 20, 41, 61, 82, 102]),                 # improved-diffusion space_timesteps(1000, "50")
+    ('ddim', list(range(0, 1000, 20))),                 # DDIM's uniform skip: ddim50
+    ('dpm_solver++', [0, 20, 41, 61, 82, 102]),
+])
+def test_gate_runs_report_on_the_samplers_own_timesteps(name, want):
+  """gates.json's hard masks and ratios are computed on the grid the sampler runs (DDIM's grid
+  differs from the respaced DDPM one: 0, 20, 40, ... against 0, 20, 41, ...)."""
+  from configs import cifar10
+  from lees_jax import train
+  config = cifar10.get_config('paper')
+  config.sampler.name = name
+  got = train.sampler_timesteps(config)
+  assert len(got) == 50 and got[:len(want)] == want and got[-1] == (980 if name == 'ddim' else 999)
