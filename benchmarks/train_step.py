@@ -33,12 +33,9 @@ from lees_jax import data, models, train  # noqa: E402
 
 
 def load_config(spec: str):
-  import importlib.util
-  path, _, preset = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('bench_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset) if preset else module.get_config()
+  """``configs/cifar10.py:tiny`` -> the config, parsed as ``--config`` is (ml_collections)."""
+  from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
+  return config_flags.ConfigFileFlagParser('config').parse(spec)
 
 
 def prepare_objective(objective, mesh, batch) -> tuple[callable, dict]:

@@ -208,10 +208,13 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   names = list(args.names)
   if args.config:
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+    from ml_collections.config_flags import config_flags  # pylint: disable=g-import-not-at-top
     names += config_datasets(config_flags.ConfigFileFlagParser('config').parse(args.config))
   if not names:
-    p.error('name a data set or give --config')
+    if not args.config:
+      p.error('name a data set or give --config')
+    print(f'{args.config} reads no TFDS data set (only the shipped subset): nothing to prepare')
+    return 0
   try:
     for i, name in enumerate(dict.fromkeys(names)):
       b = prepare(name, args.data_dir)

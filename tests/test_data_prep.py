@@ -179,6 +179,14 @@ def test_data_prep_command_offline(no_network, tmp_path, capsys):
   assert len(err) == 1 and err[0].startswith('error: cannot download cifar10: no network')
 
 
+def test_data_prep_command_reads_the_config(no_network, tmp_path, capsys):
+  config = os.path.join(REPO, 'configs', 'cifar10.py')
+  assert data_prep.main(['--data_dir', str(tmp_path), '--config', f'{config}:tiny']) == 0
+  assert 'reads no TFDS data set' in capsys.readouterr().out
+  assert data_prep.main(['--data_dir', str(tmp_path), '--config', config]) == 2
+  assert capsys.readouterr().err.startswith('error: cannot download cifar10: no network')
+
+
 _BLOCKED_MAIN = textwrap.dedent('''
     import socket, sys
     def blocked(*a, **k):
