@@ -38,6 +38,9 @@ from lees_jax import policies
 
 SAMPLERS = ('ddpm', 'ddim', 'dpm_solver++')
 PATHS = ('segments', 'cond', 'soft')
+# The DDPM sampler's per-step variance (the names of improved-diffusion and diffusers):
+# 'fixed_large' = the (respaced) beta_t, 'fixed_small' = the posterior variance beta~_t.
+VARIANCES = ('fixed_large', 'fixed_small')
 
 
 # ---------------------------------------------------------------------------
@@ -53,6 +56,16 @@ class Solver:
   num_original_timesteps: int
   coefs: dict[str, np.ndarray]   # per-step float64 arrays of length S
   clip_x0: bool = True
+  variance: str | None = None    # ddpm: 'fixed_large' | 'fixed_small'; None for the others
+
+  def describe(self) -> str:
+    """One line saying what this solver does, e.g. 'ddpm, 50 steps, variance fixed_large'."""
+    parts = [self.name, f'{self.num_steps} steps']
+    if self.variance is not None:
+      parts.append(f'variance {self.variance}')
+    if not self.clip_x0:
+      parts.append('x0 not clipped')
+    return ', '.join(parts)
 
   @property
   def num_steps(self) -> int:
@@ -103,15 +116,20 @@ def _solver_timesteps(schedule: diffusion.Schedule, name: str, steps: int, spaci
 
 
 def make_solver(schedule: diffusion.Schedule, name: str = 'ddpm', steps: int = 50,
-                spacing: str = '', eta: float = 0.0, clip_x0: bool = True) -> Solver:
+                spacing: str = '', eta: float = 0.0, clip_x0: bool = True,
+                variance: str = 'fixed_large') -> Solver:
   """Builds the per-step coefficients of a sampler over ``steps`` respaced timesteps.
 
-  ddpm: improved-diffusion's respaced ancestral sampler with "fixed_large" variance
-  (beta_t, with the first entry replaced by the posterior variance). ddim: eta-DDIM.
-  dpm_solver++: 2M multistep in data prediction, log-SNR steps between the kept timesteps.
+  ddpm: improved-diffusion's respaced ancestral sampler with ``variance`` "fixed_large"
+  (the respaced beta_t, the default and the paper's) or "fixed_small" (the respaced posterior
+  variance beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)); no noise on the last step.
+  ddim: eta-DDIM. dpm_solver++: 2M multistep in data prediction, log-SNR steps between the kept
+  timesteps. ``variance`` is ignored by ddim and dpm_solver++.
   """
   if name not in SAMPLERS:
     raise ValueError(f'unknown sampler {name!r}; choose one of {SAMPLERS}')
+  if name == 'ddpm' and variance not in VARIANCES:
+    raise ValueError(f'unknown DDPM variance {variance!r}; choose one of {VARIANCES}')
   kept = _solver_timesteps(schedule, name, steps, spacing)
   abar_full = schedule.alphas_cumprod
   ab = abar_full[kept]                        # ascending in time
@@ -122,7 +140,10 @@ def make_solver(schedule: diffusion.Schedule, name: str = 'ddpm', steps: int = 5
     betas = rs.betas
     ab_prev = rs.alphas_cumprod_prev
     post_var = rs.posterior_variance
-    var = np.append(post_var[1], betas[1:]) if len(betas) > 1 else betas.copy()
+    if variance == 'fixed_small':
+      var = post_var.copy()
+    else:
+      var = np.append(post_var[1], betas[1:]) if len(betas) > 1 else betas.copy()
     coefs['coef_x0'] = betas * np.sqrt(ab_prev) / (1.0 - ab)
     coefs['coef_xt'] = (1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab)
     sigma = np.sqrt(var)
@@ -154,13 +175,17 @@ def make_solver(schedule: diffusion.Schedule, name: str = 'ddpm', steps: int = 5
     coefs['half_r_inv'] = half_r_inv
   order = slice(None, None, -1)  # to sampling order (noisiest first)
   return Solver(name, kept[order].copy(), schedule.num_original_timesteps,
-                {k: v[order].copy() for k, v in coefs.items()}, clip_x0)
+                {k: v[order].copy() for k, v in coefs.items()}, clip_x0,
+                variance if name == 'ddpm' else None)
 
 
 def solver_from_config(diffusion_config, sampler_config) -> Solver:
+  """The solver of ``config.sampler`` (``variance`` defaults to 'fixed_large' when the config
+  has no such field). ``solver.variance`` / ``solver.describe()`` say which variance it uses."""
   return make_solver(diffusion.schedule_from_config(diffusion_config), sampler_config.name,
                      sampler_config.steps, sampler_config.get('spacing', ''),
-                     sampler_config.get('eta', 0.0), sampler_config.get('clip_x0', True))
+                     sampler_config.get('eta', 0.0), sampler_config.get('clip_x0', True),
+                     sampler_config.get('variance', 'fixed_large'))
 
 
 # ---------------------------------------------------------------------------
@@ -180,6 +205,7 @@ class SampleProgram:
   block_ratio: float                 # executed (step, unit) pairs / all
   flop_fraction: float               # executed FLOPs / full model FLOPs
   batch_size: int
+  sampler: str = ''                  # the solver, e.g. 'ddpm, 50 steps, variance fixed_large'
 
   def __call__(self, params, rng):
     return self.jitted(params, rng, self.operand)
@@ -253,4 +279,5 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
     operand = jnp.asarray(policy.step_logits(solver.timesteps, solver.num_original_timesteps, k))
   jitted = jax.jit(run, out_shardings=x_sharding) if x_sharding is not None else jax.jit(run)
   return SampleProgram(jitted, operand, path, policy, masks, segments,
-                       policies.executed_block_ratio(masks), mc.flop_fraction(masks), batch_size)
+                       policies.executed_block_ratio(masks), mc.flop_fraction(masks), batch_size,
+                       solver.describe())

@@ -271,6 +271,87 @@ def test_matches_diffusers_schedulers(name):
   np.testing.assert_allclose(np.asarray(state[0]), x.numpy(), atol=5e-6, rtol=0)
 
 
+@pytest.mark.parametrize('variance', ['fixed_large', 'fixed_small'])
+def test_ddpm_matches_diffusers_ddpm_scheduler(variance, monkeypatch):
+  """Respaced ancestral DDPM against diffusers' DDPMScheduler on the same 50 custom timesteps
+  (improved-diffusion's space_timesteps(1000, "50")), the same epsilon function and the same
+  noise (diffusers' randn_tensor replaced by our per-step draw), step by step, x0 clipped.
+  diffusers' "fixed_large" is the respaced beta_t = 1 - abar_t / abar_prev, "fixed_small" the
+  respaced posterior variance, both with no noise on the last step (t = 0)."""
+  torch = pytest.importorskip('torch')
+  dsched = pytest.importorskip('diffusers')
+  from diffusers.schedulers import scheduling_ddpm
+  abar = SCHED.alphas_cumprod
+
+  def eps(x, t):  # nonlinear in x, depends on t; large enough that x0 clipping is active
+    return np.tanh(1.5 * x + 0.3) * np.sqrt(1 - abar[t]) + 0.2 * np.sin(3 * x) * abar[t]
+
+  solver = samplers.make_solver(SCHED, 'ddpm', 50, variance=variance)
+  assert solver.variance == variance and f'variance {variance}' in solver.describe()
+  assert list(solver.timesteps) == sorted(diffusion.space_timesteps(T, '50'), reverse=True)
+  ref = dsched.DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02,
+                             beta_schedule='linear', variance_type=variance, clip_sample=True)
+  ref.set_timesteps(timesteps=[int(t) for t in solver.timesteps])
+  assert list(ref.timesteps.numpy()) == list(solver.timesteps)
+
+  shape = (4, 8, 8, 3)
+  rng = jax.random.PRNGKey(11)
+  keys = [jax.random.fold_in(rng, i) for i in range(solver.num_steps)]
+  drawn = []
+  monkeypatch.setattr(scheduling_ddpm, 'randn_tensor',
+                      lambda shp, **kw: torch.tensor(drawn[-1], dtype=kw.get('dtype', torch.float64)))
+  x_init = np.random.default_rng(0).normal(size=shape)
+  x_ref = torch.tensor(x_init, dtype=torch.float64)
+  state = solver.init_state(jnp.asarray(x_init, jnp.float32))
+  update = jax.jit(solver.update)
+  worst, clipped = 0.0, 0
+  for i, t in enumerate(solver.timesteps):
+    drawn.append(_normal(keys[i], shape))  # the very draw our update makes from keys[i]
+    e = eps(x_ref.numpy(), int(t))
+    clipped += int((np.abs((x_ref.numpy() - np.sqrt(1 - abar[t]) * e) / np.sqrt(abar[t])) > 1).any())
+    x_ref = ref.step(torch.tensor(e), int(t), x_ref).prev_sample
+    e_ours = jnp.asarray(eps(np.asarray(state[0], np.float64), int(t)), jnp.float32)
+    state = update(i, state, e_ours, keys[i])
+    diff = np.abs(np.asarray(state[0], np.float64) - x_ref.numpy()).max()
+    worst = max(worst, diff)
+    assert diff < 1e-5, (i, int(t), diff)  # measured 6.1e-6 (large) / 7.6e-6 (small), |x| <= ~3
+  assert clipped > 5  # the clip path is exercised
+  print(f'\n[ddpm {variance}] max |ours - diffusers| over 50 steps: {worst:.2e}')
+  # The two variances are really different samplers on this problem.
+  other = samplers.make_solver(SCHED, 'ddpm', 50,
+                               variance={'fixed_large': 'fixed_small', 'fixed_small': 'fixed_large'}[variance])
+  assert np.abs(other.coefs['sigma'] - solver.coefs['sigma'])[:-1].max() > 1e-3
+
+
+def test_ddpm_variances_by_hand():
+  """fixed_small / fixed_large on a 3-step respacing of T = 1000, from the schedule by hand."""
+  use = [0, 500, 999]
+  ab = np.cumprod(1 - np.linspace(1e-4, 0.02, T))[use]
+  beta = 1 - ab / np.append(1.0, ab[:-1])
+  small = beta * (1 - np.append(1.0, ab[:-1])) / (1 - ab)
+  for variance, want in [('fixed_large', beta), ('fixed_small', small)]:
+    solver = samplers.make_solver(SCHED, 'ddpm', 3, spacing='3', variance=variance)
+    assert list(solver.timesteps) == use[::-1]
+    # sampling order: t = 999, 500, then the last step (t = 0) adds no noise
+    np.testing.assert_allclose(solver.coefs['sigma'], [np.sqrt(want[2]), np.sqrt(want[1]), 0.0],
+                               rtol=1e-12)
+  with pytest.raises(ValueError, match='variance'):
+    samplers.make_solver(SCHED, 'ddpm', 3, variance='learned')
+  assert samplers.make_solver(SCHED, 'ddim', 4).variance is None
+
+
+def test_solver_from_config_variance():
+  from configs import cifar10
+  c = cifar10.get_config('tiny')
+  assert samplers.solver_from_config(c.diffusion, c.sampler).variance == 'fixed_large'
+  sampler = c.sampler.to_dict()
+  sampler['variance'] = 'fixed_small'
+  import ml_collections
+  solver = samplers.solver_from_config(c.diffusion, ml_collections.ConfigDict(sampler))
+  assert solver.variance == 'fixed_small'
+  assert solver.describe() == f'ddpm, {c.sampler.steps} steps, variance fixed_small'
+
+
 def test_bad_sampler_config():
   with pytest.raises(ValueError, match='unknown sampler'):
     samplers.make_solver(SCHED, 'euler', 10)
