@@ -62,7 +62,10 @@ DDPM_DROPOUT = 0.1
 # DDPMScheduler defaults, which are also the DDPM schedule of Ho et al. (2020).
 SCHEDULER_DEFAULTS: dict[str, Any] = dict(
     num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
-    trained_betas=None, prediction_type='epsilon')
+    trained_betas=None, prediction_type='epsilon', variance_type='fixed_small')
+# The scheduler variances our DDPM sampler can reproduce (config.sampler.variance); the others
+# need a model that predicts its variance (out_channels = 2 x in_channels), which we refuse.
+SUPPORTED_VARIANCE_TYPES = ('fixed_small', 'fixed_large')
 
 
 class ConversionError(ValueError):
@@ -205,6 +208,12 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any], *,
   return model_config
 
 
+def scheduler_variance_type(scheduler_config: Mapping[str, Any] | None) -> str:
+  """The DDPM variance the checkpoint's scheduler samples with (diffusers' default when the
+  scheduler config is absent or does not say: 'fixed_small')."""
+  return str(dict(scheduler_config or {}).get('variance_type', SCHEDULER_DEFAULTS['variance_type']))
+
+
 def diffusion_config_from_scheduler(scheduler_config: Mapping[str, Any] | None
                                     ) -> ml_collections.ConfigDict:
   """`config.diffusion` from a diffusers ``scheduler_config.json`` (None: the DDPM schedule)."""
@@ -217,6 +226,9 @@ def diffusion_config_from_scheduler(scheduler_config: Mapping[str, Any] | None
     problems.append('trained_betas is set: only the linear schedule from beta_start/beta_end is supported')
   if get('prediction_type') != 'epsilon':
     problems.append(f"prediction_type={get('prediction_type')!r}: only 'epsilon' is supported")
+  if get('variance_type') not in SUPPORTED_VARIANCE_TYPES:
+    problems.append(f"variance_type={get('variance_type')!r}: only {SUPPORTED_VARIANCE_TYPES} "
+                    '(fixed variances of an epsilon-only model) are supported')
   if problems:
     raise ConversionError('unsupported diffusers scheduler config:\n  - ' + '\n  - '.join(problems))
   return ml_collections.ConfigDict(dict(
@@ -345,7 +357,8 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
 
   Raises:
     ConversionError: unsupported config, or any missing / unexpected / wrongly shaped /
-      non-floating tensor (all of them are listed).
+      non-floating tensor or one holding NaN or Inf (all of them are listed, by name).
+      float16, bfloat16 and float64 tensors are converted to float32.
   """
   import jax
   from flax import traverse_util
@@ -382,7 +395,16 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
       wrong.append(f'{shown(name)}: dtype {array.dtype}, expected a floating-point tensor '
                    f'(for {ours})')
       continue
-    flat[path] = _to_flax(array, path[-1])
+    # float16 / bfloat16 / float64 are converted to float32 (exact for the half types).
+    converted = _to_flax(array, path[-1])
+    finite = np.isfinite(converted)
+    if not finite.all():
+      n_nan = int(np.isnan(converted).sum())
+      n_inf = int(converted.size - finite.sum()) - n_nan
+      wrong.append(f'{shown(name)}: {n_nan} NaN and {n_inf} Inf value(s) of {converted.size} '
+                   f'(dtype {array.dtype}), expected finite values (for {ours})')
+      continue
+    flat[path] = converted
   unexpected = sorted(set(tensors) - used)
   if missing or wrong or unexpected:
     parts = []
@@ -392,7 +414,8 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
       parts.append(f'{len(unexpected)} unexpected tensor(s):\n    ' + '\n    '.join(
           f'{shown(n)} (shape {tuple(np.shape(tensors[n]))})' for n in unexpected))
     if wrong:
-      parts.append(f'{len(wrong)} tensor(s) with the wrong shape or dtype:\n    ' + '\n    '.join(wrong))
+      parts.append(f'{len(wrong)} tensor(s) with the wrong shape or dtype, or non-finite values:'
+                   '\n    ' + '\n    '.join(wrong))
     raise ConversionError(
         f'the checkpoint does not match the UNet its config describes (ch={model_config.ch}, '
         f'ch_mult={tuple(model_config.ch_mult)}, num_res_blocks={model_config.num_res_blocks}, '
@@ -405,12 +428,63 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
 # Files: local directories and the Hugging Face Hub.
 # ---------------------------------------------------------------------------------------------
 
+def _dtype_counts(state_dict: Mapping[str, Any]) -> dict[str, int]:
+  counts: dict[str, int] = {}
+  for v in state_dict.values():
+    name = str(np.asarray(v).dtype)
+    counts[name] = counts.get(name, 0) + 1
+  return dict(sorted(counts.items()))
+
+
+# safetensors dtype codes -> numpy (bfloat16 through ml_dtypes, which jax ships).
+_SAFETENSORS_DTYPES = {'F64': 'float64', 'F32': 'float32', 'F16': 'float16', 'BF16': 'bfloat16',
+                       'I64': 'int64', 'I32': 'int32', 'I16': 'int16', 'I8': 'int8',
+                       'U8': 'uint8', 'BOOL': 'bool'}
+
+
+def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
+  """A plain safetensors reader (little-endian u64 header size, JSON header, raw data) for the
+  dtypes safetensors' numpy API cannot represent (bfloat16)."""
+  import struct
+
+  import ml_dtypes
+  with open(path, 'rb') as f:
+    data = f.read()
+  (n,) = struct.unpack('<Q', data[:8])
+  header = json.loads(data[8:8 + n])
+  body = memoryview(data)[8 + n:]
+  out = {}
+  for name, info in header.items():
+    if name == '__metadata__':
+      continue
+    code = info['dtype']
+    if code not in _SAFETENSORS_DTYPES:
+      raise ValueError(f'tensor {name}: unsupported safetensors dtype {code}')
+    dtype = (np.dtype(ml_dtypes.bfloat16) if code == 'BF16'
+             else np.dtype(_SAFETENSORS_DTYPES[code]).newbyteorder('<'))
+    start, stop = info['data_offsets']
+    shape = tuple(info['shape'])
+    if stop - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or stop > len(body):
+      raise ValueError(f'tensor {name}: data offsets {start}..{stop} do not fit shape {shape} '
+                       f'of {code} in the file')
+    out[name] = np.frombuffer(body[start:stop], dtype=dtype).reshape(shape).copy()
+  return out
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads ``.safetensors`` (safetensors' numpy API) or ``.bin`` (`torch_archive`, code-free)."""
+  """Reads ``.safetensors`` (safetensors' numpy API; bfloat16 files by a plain reader) or
+  ``.bin`` (`torch_archive`, code-free)."""
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file
     try:
       return dict(load_file(path))
+    except TypeError as e:  # numpy has no bfloat16: "data type 'bfloat16' not understood"
+      if 'bfloat16' not in str(e):
+        raise ConversionError(f'cannot read {path}: {type(e).__name__}: {e}') from e
+      try:
+        return _read_safetensors_raw(path)
+      except Exception as e2:  # noqa: BLE001
+        raise ConversionError(f'cannot read {path}: {type(e2).__name__}: {e2}') from e2
     except Exception as e:  # SafetensorError, OSError, ...
       raise ConversionError(f'cannot read {path}: {type(e).__name__}: {e}') from e
   from lees_jax import torch_archive
@@ -581,6 +655,7 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   diffusion_config = diffusion_config_from_scheduler(scheduler_config)
   state_dict = read_state_dict(files['weights'])
   _, attention_names = normalize_names(state_dict)
+  source_dtypes = _dtype_counts(state_dict)
   model_config, params = diffusers_to_params(state_dict, diffusers_config, dropout=dropout)
   del state_dict
 
@@ -596,6 +671,13 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
       scheduler_config=scheduler_config,
       diffusion_from=('scheduler_config.json' if scheduler_config is not None
                       else 'default DDPM linear schedule (no scheduler_config.json found)'),
+      # The variance the source's DDPMScheduler samples with. lees_jax's DDPM sampler uses
+      # config.sampler.variance (default 'fixed_large', the paper's); not applied automatically.
+      variance_type=scheduler_variance_type(scheduler_config),
+      variance_type_from=('scheduler_config.json' if scheduler_config is not None
+                          and 'variance_type' in scheduler_config
+                          else "diffusers' DDPMScheduler default"),
+      source_dtypes=source_dtypes,
       ignored_config_keys=ignored,
       num_params=models.count_params(params),
       converted_by='lees_jax.convert')
@@ -635,6 +717,9 @@ def main(argv=None) -> int:
         f'ch_mult={tuple(m["ch_mult"])}, attn_resolutions={tuple(m["attn_resolutions"])}, '
         f'from {meta["source"]} ({meta["source_files"]["weights"]}, {meta["attention_names"]} '
         f'attention names); diffusion: {meta["diffusion"]}')
+  print(f'note: the source scheduler samples with variance_type={meta["variance_type"]!r} '
+        f'({meta["variance_type_from"]}); lees_jax\'s DDPM sampler uses config.sampler.variance '
+        "(default 'fixed_large', the paper's)")
   if meta['ignored_config_keys']:
     print(f'note: config.json keys not used by diffusers\' UNet2DModel were ignored: '
           f'{meta["ignored_config_keys"]}')

@@ -84,11 +84,13 @@ def _old_name(name):
 def _write_source(directory, model, fmt='safetensors', names='new', scheduler=None):
   """A diffusers model directory as on the Hub: config.json + weights (+ scheduler_config.json)."""
   os.makedirs(directory, exist_ok=True)
-  model.save_pretrained(directory, safe_serialization=(fmt == 'safetensors'))
   weights = os.path.join(directory, convert.SAFETENSORS_FILE if fmt == 'safetensors'
                          else convert.BIN_FILE)
-  assert os.path.isfile(weights)
-  if names == 'old':  # the Hub checkpoint's names (query/key/value/proj_attn)
+  if names == 'new':
+    model.save_pretrained(directory, safe_serialization=(fmt == 'safetensors'))
+    assert os.path.isfile(weights)
+  else:  # the Hub checkpoint's names (query/key/value/proj_attn): the weights written once
+    model.save_config(directory)
     sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     renamed = {_old_name(k): v for k, v in sd.items()}
     assert sum(k != _old_name(k) for k in sd) > 0
@@ -221,15 +223,24 @@ def test_old_named_files_are_what_diffusers_itself_loads(small):
     assert torch.equal(got[name], value), name
 
 
-def test_full_size_ddpm_cifar10_matches_diffusers(tmp_path):
-  """The google/ddpm-cifar10-32 architecture (35.7M parameters) in the Hub's layout."""
+@pytest.fixture(scope='module')
+def full_size(tmp_path_factory):
+  """The google/ddpm-cifar10-32 architecture (35.7M parameters) in the Hub's layout, converted
+  once for the module (each copy of it is 143 MB)."""
+  root = tmp_path_factory.mktemp('full')
   ref = _diffusers_model(DDPM_CIFAR10_CONFIG, seed=0)
-  assert sum(p.numel() for p in ref.parameters()) == 35_746_307
-  src = _write_source(str(tmp_path / 'hub'), ref, 'safetensors', 'old',
+  src = _write_source(str(root / 'hub'), ref, 'safetensors', 'old',
                       scheduler=DDPM_SCHEDULER_CONFIG)
   with open(os.path.join(src, 'config.json'), 'w') as f:  # exactly the Hub's config.json
     json.dump(DDPM_CIFAR10_CONFIG, f)
-  out = convert.convert(src, str(tmp_path / 'ddpm-cifar10-32'))
+  out = convert.convert(src, str(root / 'ddpm-cifar10-32'))
+  return ref, src, out
+
+
+def test_full_size_ddpm_cifar10_matches_diffusers(full_size):
+  """The google/ddpm-cifar10-32 architecture (35.7M parameters) in the Hub's layout."""
+  ref, src, out = full_size
+  assert sum(p.numel() for p in ref.parameters()) == 35_746_307
 
   # The converted backbone is the paper's model as configs/cifar10.py describes it.
   from configs import cifar10
@@ -241,6 +252,8 @@ def test_full_size_ddpm_cifar10_matches_diffusers(tmp_path):
   assert meta['diffusion'] == {k: paper.diffusion[k] for k in meta['diffusion']}
   assert meta['source'] == os.path.abspath(src) and meta['attention_names'] == 'old'
   assert meta['num_params'] == 35_746_307 and meta['scheduler_config'] == DDPM_SCHEDULER_CONFIG
+  # The Hub's scheduler samples with fixed_small; our default sampler uses fixed_large.
+  assert meta['variance_type'] == 'fixed_small' and meta['source_dtypes'] == {'float32': len(ref.state_dict())}
 
   model, params = lees_jax.load_backbone(out)
   rng = np.random.default_rng(0)
@@ -252,7 +265,11 @@ def test_full_size_ddpm_cifar10_matches_diffusers(tmp_path):
   _report('full-size google/ddpm-cifar10-32 layout', diffs)
   assert max(diffs.values()) <= ATOL, diffs
 
-  # The Hub's legacy .bin (old names), read without torch, gives bitwise the same parameters.
+
+def test_full_size_legacy_bin_gives_bitwise_the_same_params(full_size, tmp_path):
+  """The Hub's legacy .bin (old names), read without torch, gives bitwise the same parameters."""
+  ref, _, out = full_size
+  _, params = checkpoints.load_backbone_params(out)
   bin_src = _write_source(str(tmp_path / 'hub-bin'), ref, 'bin', 'old')
   state_dict = convert.read_state_dict(os.path.join(bin_src, convert.BIN_FILE))
   _, bin_params = convert.diffusers_to_params(state_dict, DDPM_CIFAR10_CONFIG)
@@ -312,6 +329,56 @@ def _unexpected(sd):
 def test_tampered_checkpoint_names_each_offending_tensor(small, tmp_path, edit, fragments):
   src = _tampered_source(small, tmp_path, edit)
   _fails(src, str(tmp_path / 'out'), *fragments)
+
+
+def _nonfinite(sd):
+  w = sd['down_blocks.1.resnets.0.conv1.weight'].copy()
+  w[0, 0, 0, 0], w[1, 2, 0, 1] = np.nan, np.nan
+  sd['down_blocks.1.resnets.0.conv1.weight'] = w
+  b = sd['conv_out.bias'].copy()
+  b[1] = -np.inf
+  sd['conv_out.bias'] = b
+
+
+def _non_float(sd):
+  sd['conv_in.bias'] = np.arange(32, dtype=np.int64)
+  sd['mid_block.attentions.0.query.bias'] = np.ones(64, bool)
+
+
+@pytest.mark.parametrize('edit,fragments', [
+    (_nonfinite, ['2 tensor(s)', 'down_blocks.1.resnets.0.conv1.weight', '2 NaN and 0 Inf',
+                  'down_1_res_0/conv1/kernel', 'conv_out.bias', '0 NaN and 1 Inf',
+                  'conv_out/bias']),
+    (_non_float, ['2 tensor(s)', 'conv_in.bias', 'dtype int64', 'conv_in/bias',
+                  'mid_block.attentions.0.query.bias', 'dtype bool', 'mid_attn/q/bias']),
+], ids=['nan_inf', 'int_bool'])
+def test_non_finite_and_non_float_tensors_are_refused_by_name(small, tmp_path, edit, fragments):
+  """A NaN / Inf value or an integer / boolean tensor is refused, naming each tensor (as the
+  checkpoint spells it and our parameter), with nothing written."""
+  src = _tampered_source(small, tmp_path, edit)
+  _fails(src, str(tmp_path / 'out'), *fragments)
+
+
+@pytest.mark.parametrize('half,fmt', [('float16', 'safetensors'), ('bfloat16', 'safetensors'),
+                                      ('bfloat16', 'bin')])
+def test_half_precision_checkpoint_converts_exactly(small, tmp_path, fmt, half):
+  """A float16 / bfloat16 checkpoint (safetensors' numpy API cannot read bfloat16) converts to
+  float32 exactly: the backbone equals diffusers' model with the half weights cast to float32
+  (torch's own cast, the oracle), and its outputs match that model's."""
+  ref, _ = small
+  dtype = getattr(torch, half)
+  half_model = _diffusers_model(SMALL, seed=1).to(dtype)
+  src = _write_source(str(tmp_path / 'src'), half_model, fmt, 'new')
+  out = convert.convert(src, str(tmp_path / 'out'))
+  meta = checkpoints.read_backbone_meta(out)
+  assert meta['source_dtypes'] == {half: len(half_model.state_dict())}
+  model, params = lees_jax.load_backbone(out)
+  oracle = half_model.float()
+  want = {k: v.detach().numpy() for k, v in oracle.state_dict().items()}
+  _, want_params = convert.diffusers_to_params(want, SMALL)  # float32 in: only a relayout
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, want_params)
+  diffs = _max_diffs(oracle, model, params, SMALL)
+  assert max(diffs.values()) <= ATOL, diffs
 
 
 def test_all_problems_are_reported_together(small, tmp_path):
@@ -408,6 +475,35 @@ def test_diffusion_config_from_scheduler():
   with pytest.raises(convert.ConversionError, match="squaredcos_cap_v2.*\n.*v_prediction"):
     convert.diffusion_config_from_scheduler(dict(beta_schedule='squaredcos_cap_v2',
                                                  prediction_type='v_prediction'))
+
+
+@pytest.mark.parametrize('scheduler,want,origin', [
+    (DDPM_SCHEDULER_CONFIG, 'fixed_small', 'scheduler_config.json'),
+    (dict(DDPM_SCHEDULER_CONFIG, variance_type='fixed_large'), 'fixed_large', 'scheduler_config.json'),
+    ({k: v for k, v in DDPM_SCHEDULER_CONFIG.items() if k != 'variance_type'}, 'fixed_small',
+     "diffusers' DDPMScheduler default"),
+    (None, 'fixed_small', "diffusers' DDPMScheduler default"),
+], ids=['hub', 'fixed_large', 'unstated', 'no_scheduler'])
+def test_scheduler_variance_type_is_recorded(small, tmp_path, scheduler, want, origin):
+  """The hub scheduler's variance_type (diffusers' DDPMScheduler defaults to fixed_small) is
+  recorded in the backbone metadata, with where it came from."""
+  _, sources = small
+  src = tmp_path / 'src'
+  src.mkdir()
+  base = sources[('safetensors', 'new')]
+  for name in ('config.json', convert.SAFETENSORS_FILE):
+    os.symlink(os.path.join(base, name), src / name)
+  if scheduler is not None:
+    (src / convert.SCHEDULER_FILE).write_text(json.dumps(scheduler))
+  meta = checkpoints.read_backbone_meta(convert.convert(str(src), str(tmp_path / 'out')))
+  assert meta['variance_type'] == want and meta['variance_type_from'] == origin
+  assert diffusers.DDPMScheduler.from_config(scheduler or {}).config.variance_type == want
+
+
+def test_learned_variance_schedulers_are_refused():
+  for vt in ('learned', 'learned_range', 'fixed_small_log'):
+    with pytest.raises(convert.ConversionError, match=f"variance_type='{vt}'"):
+      convert.diffusion_config_from_scheduler(dict(DDPM_SCHEDULER_CONFIG, variance_type=vt))
 
 
 def test_existing_output_is_refused_unless_overwrite(small, tmp_path):
@@ -523,4 +619,5 @@ def test_cli_entry_point(small, tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr
   assert 'wrote' in run.stdout and 'load_backbone' in run.stdout
+  assert "variance_type='fixed_small'" in run.stdout  # no scheduler file: diffusers' default
   lees_jax.load_backbone(str(out))
