@@ -261,6 +261,52 @@ def test_kill_and_restart_gives_identical_gates(gates_run, pretrained, compile_c
   assert resumed['alpha'] == ref['alpha'] and resumed['beta'] == ref['beta']  # bitwise
 
 
+PRETRAIN_RESUME = {'pretrain.num_train_steps': 12, 'pretrain.checkpoint_every': 2,
+                   'pretrain.log_every': 2, 'pretrain.ema_decay': 0.5, 'model.dropout': 0.1}
+
+
+def test_pretrain_kill_and_restart_gives_identical_backbone(compile_cache, tmp_path):
+  """pretrain killed (SIGKILL) right after its first checkpoint and restarted ends with bitwise
+  the same exported (EMA) backbone as an uninterrupted run. Dropout is on (the per-step keys
+  matter) and the EMA decay is 0.5 (the EMA follows the parameters)."""
+  ref_dir = str(tmp_path / 'uninterrupted')
+  main_lib.run_mode(_tiny(mode='pretrain', **PRETRAIN_RESUME), ref_dir)
+  workdir = str(tmp_path / 'killed')
+  cmd = [sys.executable, '-m', 'lees_jax.main', '--config=configs/cifar10.py:tiny',
+         f'--workdir={workdir}', '--config.mode=pretrain'] + [
+             f'--config.{k}={v}' for k, v in PRETRAIN_RESUME.items()]
+  ckpt_dir = os.path.join(workdir, 'checkpoints', 'pretrain')
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(compile_cache), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  killed_after = None
+  try:
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+      steps = [d for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []) if d.isdigit()]
+      if steps:
+        proc.send_signal(signal.SIGKILL)
+        killed_after = max(int(s) for s in steps)
+        break
+      time.sleep(0.02)
+  finally:
+    if proc.poll() is None and killed_after is None:
+      proc.kill()
+    proc.wait()
+  steps = PRETRAIN_RESUME['pretrain.num_train_steps']
+  assert killed_after is not None and killed_after < steps, 'the run ended before the kill'
+  assert not os.path.exists(os.path.join(workdir, 'backbone'))
+  out = subprocess.run(cmd, cwd=REPO, env=_env(compile_cache), capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  # The newest checkpoint the killed run left may be partial: resuming uses the newest complete one.
+  assert 'resuming from checkpoint step' in out.stdout, out.stdout[-2000:]
+  resumed_from = int(out.stdout.split('resuming from checkpoint step', 1)[1].split()[0].strip(',;.)'))
+  assert 0 < resumed_from < steps
+  _, want = checkpoints.load_backbone_params(ref_dir)
+  _, got = checkpoints.load_backbone_params(workdir)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)  # bitwise
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(gates_run, pretrained, tmp_path):
   workdir = str(tmp_path / 'nan')
   shutil.copytree(gates_run[0], workdir)
