@@ -340,7 +340,7 @@ def test_ddpm_variances_by_hand():
   assert samplers.make_solver(SCHED, 'ddim', 4).variance is None
 
 
-def test_solver_from_config_variance():
+def test_solver_from_config_variance(tiny_model):
   from configs import cifar10
   c = cifar10.get_config('tiny')
   assert samplers.solver_from_config(c.diffusion, c.sampler).variance == 'fixed_large'
@@ -350,6 +350,10 @@ def test_solver_from_config_variance():
   solver = samplers.solver_from_config(c.diffusion, ml_collections.ConfigDict(sampler))
   assert solver.variance == 'fixed_small'
   assert solver.describe() == f'ddpm, {c.sampler.steps} steps, variance fixed_small'
+  # The compiled program says which sampler (and variance) it runs (compile_sampler only traces
+  # lazily: nothing is compiled here).
+  prog = samplers.compile_sampler(tiny_model[0], solver, policies.FullPolicy(), 2)
+  assert prog.sampler == solver.describe()
 
 
 def test_bad_sampler_config():
