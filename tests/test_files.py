@@ -140,7 +140,7 @@ def test_evaluate_writes_and_resumes_on_gs(tiny_backbone, gcs, monkeypatch):
   w = 'gs://bucket/w'
   results = evaluate.evaluate(c, w)
   names = _names(gcs, 'gs://bucket/w/eval')
-  assert names == ['gates_ase_default.png', 'ref_stats_cifar10_test_8.npz', 'results.json',
+  assert names == ['gates_ase_default.png', f'ref_stats_{c.data.dataset}_test_8.npz', 'results.json',
                    'samples_ase_default.png']
   assert files.read_json(f'{w}/eval/results.json') == json.loads(json.dumps(results))
   png = Image.open(io.BytesIO(files.read_bytes(f'{w}/eval/samples_ase_default.png')))
