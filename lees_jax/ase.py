@@ -30,11 +30,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 from typing import Callable, Sequence
 
 import numpy as np
 
+from lees_jax import files
 from lees_jax import policies
 
 NUM_INTERVALS = 10
@@ -168,26 +168,23 @@ def pick_for_budget(records: Sequence[dict], budget: float, cost_key: str = 'flo
 def run_grid(points: Sequence[GridPoint], evaluate_point: Callable[[GridPoint], dict],
              results_path: str, log: Callable[[str], None] = print) -> list[dict]:
   """Evaluates every grid point once; finished points are kept in ``results_path`` (JSON
-  lines, appended and flushed per point) and skipped when the search is restarted."""
+  lines, appended durably per point; local or gs://, `lees_jax.files`) and skipped when the
+  search is restarted."""
   done: dict[str, dict] = {}
-  if os.path.exists(results_path):
-    with open(results_path) as f:
-      for line_no, line in enumerate(f, 1):
-        line = line.strip()
-        if not line:
-          continue
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError:
-          # A run killed mid-write leaves at most one partial last line: re-evaluate it.
-          log(f'ignoring an incomplete record at {results_path}:{line_no}')
-          continue
-        done[rec['name']] = rec
+  if files.exists(results_path):
+    for line_no, line in enumerate(files.read_text(results_path).splitlines(), 1):
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        # A run killed mid-write leaves at most one partial last line: re-evaluate it.
+        log(f'ignoring an incomplete record at {results_path}:{line_no}')
+        continue
+      done[rec['name']] = rec
     # Rewrite only the complete records, so new ones never append to a partial line.
-    with open(results_path + '.tmp', 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in done.values())
-    os.replace(results_path + '.tmp', results_path)
-  os.makedirs(os.path.dirname(os.path.abspath(results_path)), exist_ok=True)
+    files.write_text(results_path, ''.join(json.dumps(r) + '\n' for r in done.values()))
   out = []
   for n, p in enumerate(points, 1):
     if p.name in done:
@@ -196,9 +193,6 @@ def run_grid(points: Sequence[GridPoint], evaluate_point: Callable[[GridPoint], 
     log(f'[grid {n}/{len(points)}] {p.name}: drop fractions {[round(x, 3) for x in p.drop_fractions]}')
     rec = dict(evaluate_point(p), name=p.name, start=p.start, final=p.final,
                drop_fractions=list(p.drop_fractions))
-    with open(results_path, 'a') as f:
-      f.write(json.dumps(rec) + '\n')
-      f.flush()
-      os.fsync(f.fileno())
+    files.append_line(results_path, json.dumps(rec))
     out.append(rec)
   return out

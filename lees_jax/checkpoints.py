@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lees_jax import models
+from lees_jax import files, models
 
 FORMAT = 'lees_jax.backbone'
 VERSION = 1
@@ -90,7 +90,7 @@ def find_backbone_dir(path: str) -> str:
     raise BackboneError('no backbone given: set config.gates.backbone (or the mode\'s backbone field) '
                         'to a directory written by `python -m lees_jax.convert` or a pretrain workdir')
   for cand in (path, os.path.join(path, 'backbone')):
-    if os.path.isfile(os.path.join(cand, META_FILE)):
+    if files.isfile(files.join(cand, META_FILE)):
       return cand
   raise BackboneError(f'no backbone checkpoint at {path!r}: expected {META_FILE} and params/ in it or '
                       f'in {os.path.join(path, "backbone")!r}. Create one with '
@@ -101,8 +101,7 @@ def read_backbone_meta(path: str) -> dict:
   directory = find_backbone_dir(path)
   meta_path = os.path.join(directory, META_FILE)
   try:
-    with open(meta_path) as f:
-      meta = json.load(f)
+    meta = files.read_json(meta_path)
   except (OSError, json.JSONDecodeError) as e:
     raise BackboneError(f'cannot read {meta_path}: {e}') from e
   if meta.get('format') != FORMAT or 'model' not in meta:

@@ -67,10 +67,7 @@ def xla_flops(model, params, keep=None, batch_size: int = 1) -> float:
 
 def describe(config, workdir: str) -> dict:
   """Prints the gateable units of ``config.model`` and writes ``workdir/blocks.json``."""
-  import json
-  import os
-
-  from lees_jax import models
+  from lees_jax import files, models
 
   model = models.build_model(config.model)
   shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
@@ -92,10 +89,7 @@ def describe(config, workdir: str) -> dict:
         f'GFLOPs per image: {total / 1e9:.3f}')
   out = {'params': params, 'total_gflops': total / 1e9, 'always_gflops': mc.always_flops / 1e9,
          'units': rows}
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'blocks.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(out, f, indent=1)
-  os.replace(path + '.tmp', path)
+  path = files.join(workdir, 'blocks.json')
+  files.write_json(path, out)
   print(f'wrote {path}')
   return out

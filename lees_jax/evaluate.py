@@ -5,11 +5,13 @@ generate ``num_samples`` images with the configured sampler, compute FID against
 reference split's statistics (cached), time a 100-image batch (median over repeats after
 a warm-up, ``block_until_ready``), and record the executed-block ratio and FLOP fraction.
 
-Policy specs (strings, so they fit a locked config and a command line):
+Policy specs (strings, so they fit a locked config and a command line; the one resolver of
+policies, used by evaluate, the experiment's cells and the tests):
   full                      every unit at every step (B1)
   ase:<name>                an ASE schedule: ase_default (B2), D2, D3, D4, D7
   ase_grid:<grid.jsonl>[@b] the best grid schedule within FLOP budget b (default
                             config.eval.ase_budget; B3, see ase.py)
+  ase_grid:<pareto.json>    the schedule picked in a grid's pareto.json (its "pick")
   lees:<gates workdir>      learned gates, hard (the workdir of a train_gates run)
   lees_soft:<gates workdir> the same gates used soft (units blended by g_k(t))
   random:<fraction>[:<seed>] random fixed gates executing about that block fraction (A3)
@@ -18,13 +20,13 @@ Policy specs (strings, so they fit a locked config and a command line):
 
 Writes ``W/eval/results.json`` (a list of records; finished records are kept and skipped
 on restart), CLU summaries in ``W/eval``, a sample grid PNG per policy and a heat-map
-PNG of executed units per gated policy.
+PNG of executed units per gated policy. Every file goes through `lees_jax.files` (atomic;
+``W`` may be gs://).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import statistics
@@ -33,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from lees_jax import ase, checkpoints, data, models, policies, samplers
+from lees_jax import ase, checkpoints, data, files, models, policies, samplers
 
 RESULT_KEYS = ('policy', 'seed', 'sampler', 'steps', 'num_samples', 'fid', 'latency_ms_per_100',
                'images_per_s', 'block_ratio', 'flop_fraction')
@@ -50,8 +52,15 @@ def _safe_name(spec: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.-]+', '_', spec).strip('_')
 
 
-def resolve_policy(spec: str, model, *, default_budget: float = 0.75) -> ResolvedPolicy:
-  """Turns a policy spec string into a policy (clear errors for bad specs)."""
+def resolve_policy(spec: str, model, *, default_budget: float = 0.75,
+                   name: str | None = None) -> ResolvedPolicy:
+  """Turns a policy spec string into a policy (clear errors for bad specs).
+
+  ``name`` replaces the spec's default name, the ``policy`` of result records (the experiment
+  names its policies by cell).
+  """
+  if name is not None:
+    return dataclasses.replace(resolve_policy(spec, model, default_budget=default_budget), name=name)
   kind, _, arg = spec.partition(':')
   units = model.units
   if kind == 'full':
@@ -60,12 +69,14 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75) -> Resolve
     return ResolvedPolicy(arg or 'ase_default', ase.named_schedule(arg or 'ase_default', units))
   if kind == 'ase_grid':
     path, _, budget = arg.partition('@')
-    if not os.path.isfile(path):
+    if not files.isfile(path):
       raise FileNotFoundError(f'policy {spec!r}: no grid results at {path!r}; run the ASE grid search '
                               '(config.mode=ase_grid) first')
-    with open(path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
-    best = ase.pick_for_budget(records, float(budget) if budget else default_budget)
+    if path.endswith('.jsonl'):
+      best = ase.pick_for_budget(files.read_json_lines(path),
+                                 float(budget) if budget else default_budget)
+    else:  # a pareto.json: its recorded pick (the experiment's budget and fallback rules)
+      best = files.read_json(path)['pick']
     point = ase.GridPoint(int(best['start']), float(best['final']))
     return ResolvedPolicy('ase_grid', ase.grid_policy(point, units))
   if kind in ('lees', 'lees_soft'):
@@ -91,19 +102,12 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75) -> Resolve
                    'lees:<dir>, lees_soft:<dir>, random:<fraction>[:<seed>] or ase_ft:<dir>')
 
 
-def _write_json_atomic(path: str, obj):
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + '.tmp', path)
-
-
 def load_results(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if not files.exists(path):
     return []
   try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
+    return files.read_json(path)
+  except ValueError as e:  # json.JSONDecodeError
     raise ValueError(f'{path} is not valid JSON ({e}); move it away to start the evaluation afresh') from e
 
 
@@ -142,7 +146,9 @@ class Evaluator:
   Used by ``evaluate``, the ASE grid search and the experiment harness.
   """
 
-  def __init__(self, config, out_dir: str, *, backbone: str | None = None):
+  def __init__(self, config, out_dir: str, *, backbone: str | None = None,
+               fid_method: str = 'sqrtm'):
+    """``fid_method``: the Fréchet method of every FID (`fid.frechet_distance`)."""
     from lees_jax import fid as fid_lib
 
     self.config = config
@@ -153,11 +159,13 @@ class Evaluator:
     self.solver = samplers.solver_from_config(config.diffusion, config.sampler)
     self.mesh = data.make_mesh() if jax.device_count() > 1 else None
     self.out_dir = out_dir
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     self.fid = fid_lib
+    self.fid_method = fid_method
+    self.last_sample_stats = None  # the FID statistics of the latest `run` (the experiment's ΔFID)
     self.extractor = fid_lib.FeatureExtractor(ev.fid_weights or None, batch_size=ev.fid_batch_size)
     ref_images = data.split_images(config.data, ev.reference_split)
-    ref_cache = os.path.join(out_dir, f'ref_stats_{config.data.dataset}_{_safe_name(ev.reference_split)}.npz')
+    ref_cache = files.join(out_dir, f'ref_stats_{config.data.dataset}_{_safe_name(ev.reference_split)}.npz')
     self.ref_stats = fid_lib.load_or_compute_reference_stats(ref_images, ref_cache, extractor=self.extractor)
     self.reference = f'{config.data.dataset}/{ev.reference_split}'
     print(f'FID reference: {self.reference}, {self.ref_stats.count} images')
@@ -178,7 +186,8 @@ class Evaluator:
             f'executed blocks {program.block_ratio:.1%}, FLOPs {program.flop_fraction:.1%}')
     images = generate(program, params, int(num_samples), int(seed), resolved.name)
     stats = self.fid.compute_statistics(images, extractor=self.extractor)
-    fid_value = self.fid.fid_from_statistics(stats, self.ref_stats)
+    self.last_sample_stats = stats
+    fid_value = self.fid.fid_from_statistics(stats, self.ref_stats, method=self.fid_method)
     rec = dict(policy=resolved.name, seed=int(seed), sampler=self.solver.name, steps=self.solver.num_steps,
                num_samples=int(num_samples), fid=fid_value, block_ratio=program.block_ratio,
                flop_fraction=program.flop_fraction, path=program.path, segments=len(program.segments),
@@ -197,7 +206,7 @@ class Evaluator:
     from lees_jax import report
     name = _safe_name(resolved.name)
     report.save_png(report.image_grid(images[:min(100, len(images))]),
-                    os.path.join(self.out_dir, f'samples_{name}.png'))
+                    files.join(self.out_dir, f'samples_{name}.png'))
     policy = resolved.policy
     if isinstance(policy, policies.FullPolicy):
       return
@@ -208,7 +217,7 @@ class Evaluator:
     else:
       img = report.mask_heatmap(program.masks, unit_names, self.solver.timesteps,
                                 title=f'{resolved.name}: executed units')
-    report.save_png(img, os.path.join(self.out_dir, f'gates_{name}.png'))
+    report.save_png(img, files.join(self.out_dir, f'gates_{name}.png'))
 
 
 def _done(results: list[dict], key: dict) -> bool:
@@ -218,8 +227,8 @@ def _done(results: list[dict], key: dict) -> bool:
 def evaluate(config, workdir: str) -> list[dict]:
   """``config.mode=evaluate``."""
   ev = config.eval
-  out_dir = os.path.join(workdir, 'eval')
-  results_path = os.path.join(out_dir, 'results.json')
+  out_dir = files.join(workdir, 'eval')
+  results_path = files.join(out_dir, 'results.json')
   results = load_results(results_path)
   evaluator = Evaluator(config, out_dir)
   writer = None
@@ -241,7 +250,7 @@ def evaluate(config, workdir: str) -> list[dict]:
       rec, images, program = evaluator.run(resolved, seed, ev.num_samples, program=program)
       rec['policy_spec'] = spec
       results.append(rec)
-      _write_json_atomic(results_path, results)
+      files.write_json(results_path, results)
       print(f'{resolved.name} seed {seed}: FID {rec["fid"]:.3f}  {rec["latency_ms_per_100"]:.1f} ms/100 '
             f'images  blocks {rec["block_ratio"]:.1%}  FLOPs {rec["flop_fraction"]:.1%}', flush=True)
       if writer is not None:
@@ -261,7 +270,7 @@ def ase_grid(config, workdir: str) -> list[dict]:
   samples and its FLOP fraction; writes ``W/ase_grid/grid.jsonl`` (one record per point),
   ``pareto.json``, ``pareto.csv``, ``pareto.png`` and the pick for ``config.eval.ase_budget``.
   """
-  out_dir = os.path.join(workdir, 'ase_grid')
+  out_dir = files.join(workdir, 'ase_grid')
   evaluator = Evaluator(config, out_dir)
   seed = int(config.ase.grid_seed)
 
@@ -271,19 +280,18 @@ def ase_grid(config, workdir: str) -> list[dict]:
     return rec
 
   records = ase.run_grid(ase.drop_grid(config.ase.grid_starts, config.ase.grid_finals), evaluate_point,
-                         os.path.join(out_dir, 'grid.jsonl'))
+                         files.join(out_dir, 'grid.jsonl'))
   front = ase.pareto_front(records)
   pick = ase.pick_for_budget(records, config.eval.ase_budget)
-  _write_json_atomic(os.path.join(out_dir, 'pareto.json'),
-                     {'pareto': front, 'budget': config.eval.ase_budget, 'pick': pick})
-  with open(os.path.join(out_dir, 'pareto.csv'), 'w') as f:
-    f.write('name,start,final,flop_fraction,block_ratio,fid,on_pareto\n')
-    names = {r['name'] for r in front}
-    for r in records:
-      f.write(f'{r["name"]},{r["start"]},{r["final"]:.4f},{r["flop_fraction"]:.4f},'
-              f'{r["block_ratio"]:.4f},{r["fid"]:.4f},{int(r["name"] in names)}\n')
+  files.write_json(files.join(out_dir, 'pareto.json'),
+                   {'pareto': front, 'budget': config.eval.ase_budget, 'pick': pick})
+  names = {r['name'] for r in front}
+  files.write_text(files.join(out_dir, 'pareto.csv'), ''.join(
+      ['name,start,final,flop_fraction,block_ratio,fid,on_pareto\n'] +
+      [f'{r["name"]},{r["start"]},{r["final"]:.4f},{r["flop_fraction"]:.4f},'
+       f'{r["block_ratio"]:.4f},{r["fid"]:.4f},{int(r["name"] in names)}\n' for r in records]))
   from lees_jax import report
-  report.save_png(report.pareto_plot(records, front, pick), os.path.join(out_dir, 'pareto.png'))
+  report.save_png(report.pareto_plot(records, front, pick), files.join(out_dir, 'pareto.png'))
   print(f'ASE grid: {len(records)} schedules, Pareto set {[r["name"] for r in front]}; '
         f'pick for FLOP budget {config.eval.ase_budget}: {pick["name"]} (FID {pick["fid"]:.3f}, '
         f'FLOPs {pick["flop_fraction"]:.1%})')

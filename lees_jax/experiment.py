@@ -25,8 +25,9 @@ Files (``W = workdir``):
   W/experiment/cells/<cell_id>/samples.png   a grid of the cell's first samples
   W/experiment/ase_grid/                     the B3 grid (grid.jsonl, pareto.json, pareto.png)
   W/experiment/overhead.json                 one backbone training epoch, timed
-  W/experiment/summary.json                  statistics (`summarize`)
+  W/experiment/summary.json                  statistics (`summarize`, `lees_jax.stats`)
   W/report/report.md + PNGs                  the report (`lees_jax.report.write_report`)
+Every file goes through `lees_jax.files` (atomic writes; W may be gs://).
 
 Definitions (also stated in the report):
   * ΔFID (robustness, CIFAR-10-C at severity s): for each corruption c,
@@ -37,7 +38,7 @@ Definitions (also stated in the report):
     cell's own samples (the first ``robustness_num_samples`` of them), for every seed of
     ``robustness_seeds`` (default: all), identically for every policy. These Fréchet
     distances always use the 'svd' method (exact for covariances; it equals 'sqrtm' to ~1e-12
-    for full-rank statistics) with each covariance decomposed once.
+    for full-rank statistics) with each covariance decomposed once (`fid.Statistics.sqrt_eigh`).
   * Gate convergence: the gates are snapshotted at every logging step of gate training
     (``gates_history.jsonl``; step 0 is the initialisation alpha = beta = 0). Between two
     successive snapshots, KL = mean over units k and the sampler's timesteps t_i of
@@ -62,13 +63,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import statistics
 import time
 import traceback
 
 import numpy as np
+
+from lees_jax import files, robustness
+from lees_jax import stats as stats_lib
 
 EXPERIMENT_DIR = 'experiment'
 CELLS_DIR = 'cells'
@@ -156,147 +158,52 @@ def label_order(ex) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: str, obj):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, default=_json_default)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _json_default(o):
-  if isinstance(o, (np.floating, np.integer)):
-    return o.item()
-  if isinstance(o, np.ndarray):
-    return o.tolist()
-  raise TypeError(f'not JSON serialisable: {type(o).__name__}')
-
-
-def _read_json(path: str):
-  with open(path) as f:
-    return json.load(f)
-
-
 def experiment_dir(workdir: str) -> str:
-  return os.path.join(workdir, EXPERIMENT_DIR)
+  return files.join(workdir, EXPERIMENT_DIR)
 
 
 def cell_dir(workdir: str, cell_id: str) -> str:
-  return os.path.join(experiment_dir(workdir), CELLS_DIR, cell_id)
+  return files.join(experiment_dir(workdir), CELLS_DIR, cell_id)
+
+
+def _cell_file(workdir: str, cell_id: str, name: str) -> str:
+  return files.join(cell_dir(workdir, cell_id), name)
 
 
 def load_cell_results(workdir: str) -> list[dict]:
   """Every finished cell's record (any cell directory with a result.json), sorted by id."""
-  root = os.path.join(experiment_dir(workdir), CELLS_DIR)
-  out = []
-  if os.path.isdir(root):
-    for name in sorted(os.listdir(root)):
-      path = os.path.join(root, name, RESULT_FILE)
-      if os.path.isfile(path):
-        out.append(_read_json(path))
-  return out
+  names = files.listdir(files.join(experiment_dir(workdir), CELLS_DIR))
+  return [files.read_json(_cell_file(workdir, n, RESULT_FILE)) for n in names
+          if files.isfile(_cell_file(workdir, n, RESULT_FILE))]
 
 
 def load_cell_errors(workdir: str) -> dict[str, str]:
-  root = os.path.join(experiment_dir(workdir), CELLS_DIR)
-  out = {}
-  if os.path.isdir(root):
-    for name in sorted(os.listdir(root)):
-      path = os.path.join(root, name, ERROR_FILE)
-      if os.path.isfile(path) and not os.path.isfile(os.path.join(root, name, RESULT_FILE)):
-        with open(path) as f:
-          out[name] = f.read()
-  return out
+  """The tracebacks of failed cells (an error.txt and no result.json), by cell id."""
+  names = files.listdir(files.join(experiment_dir(workdir), CELLS_DIR))
+  return {n: files.read_text(_cell_file(workdir, n, ERROR_FILE)) for n in names
+          if files.isfile(_cell_file(workdir, n, ERROR_FILE))
+          and not files.isfile(_cell_file(workdir, n, RESULT_FILE))}
 
 
 # ---------------------------------------------------------------------------
-# Statistics.
+# Summary (its statistics: `lees_jax.stats`).
 # ---------------------------------------------------------------------------
-
-
-def mean_std(values) -> dict:
-  """{'mean', 'std' (sample std, ddof=1; null for n < 2), 'n'} of the finite values."""
-  v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-  if not v:
-    return {'mean': None, 'std': None, 'n': 0}
-  return {'mean': statistics.fmean(v), 'std': statistics.stdev(v) if len(v) > 1 else None,
-          'n': len(v)}
-
-
-def paired_ttest(a, b) -> dict:
-  """Two-sided paired t-test of a against b (``scipy.stats.ttest_rel``), a[i] paired with b[i].
-
-  Returns t, p, n, the mean difference (a − b) and, where no test is possible, p = None with
-  the reason (n < 2, or differences that are all equal so that their std is zero).
-  """
-  a = np.asarray(a, np.float64)
-  b = np.asarray(b, np.float64)
-  if a.shape != b.shape or a.ndim != 1:
-    raise ValueError(f'paired samples must be two 1-D arrays of equal length, got {a.shape} and {b.shape}')
-  n = int(a.shape[0])
-  out = {'n': n, 'mean_diff': float(np.mean(a - b)) if n else None, 't': None, 'p': None}
-  if n < 2:
-    out['reason'] = f'n = {n} paired seed(s): a paired t-test needs at least 2'
-    return out
-  d = a - b
-  if np.allclose(d, d[0], rtol=0.0, atol=0.0):
-    out['reason'] = 'every paired difference is identical (zero variance): t is undefined'
-    return out
-  from scipy import stats  # pylint: disable=g-import-not-at-top
-  res = stats.ttest_rel(a, b)
-  out.update(t=float(res.statistic), p=float(res.pvalue))
-  return out
-
-
-def _by_label(results: list[dict]) -> dict[str, list[dict]]:
-  out: dict[str, list[dict]] = {}
-  for r in results:
-    out.setdefault(r['label'], []).append(r)
-  for v in out.values():
-    v.sort(key=lambda r: r['seed'])
-  return out
 
 
 def summarize(workdir: str, config=None) -> dict:
   """Statistics from the cells' result files only; writes W/experiment/summary.json."""
   ex = config.experiment if config is not None else None
   results = load_cell_results(workdir)
-  groups = _by_label(results)
+  groups = stats_lib.by_label(results)
   order = label_order(ex) if ex is not None else []
   labels = order + sorted(l for l in groups if l not in order)
   main_label = lees_label(float(ex.main_lam)) if ex is not None else _guess_main(groups)
-  per_label = {}
-  for label in labels:
-    recs = groups.get(label, [])
-    entry = {'group': recs[0]['group'] if recs else None, 'seeds': [r['seed'] for r in recs],
-             'lam': recs[0].get('lam') if recs else None}
-    for m in METRICS:
-      entry[m] = mean_std([r.get(m) for r in recs])
-    if recs and recs[0].get('robustness'):
-      names = sorted({c for r in recs for c in (r.get('robustness') or {}).get('per_corruption', {})})
-      entry['delta_fid_per_corruption'] = {
-          c: mean_std([(r.get('robustness') or {}).get('per_corruption', {}).get(c) for r in recs])
-          for c in names}
-    per_label[label] = entry
+  per_label = stats_lib.per_label_stats(groups, labels, METRICS)
+  ttests = stats_lib.ttests_vs(groups, labels, main_label, TTEST_METRICS)
 
-  ttests = {}
-  main = {r['seed']: r for r in groups.get(main_label, [])}
-  for label in labels:
-    if label == main_label or label not in groups:
-      continue
-    other = {r['seed']: r for r in groups[label]}
-    seeds = sorted(set(main) & set(other))
-    ttests[label] = {'seeds': seeds}
-    for m in TTEST_METRICS:
-      pairs = [(main[s].get(m), other[s].get(m)) for s in seeds
-               if main[s].get(m) is not None and other[s].get(m) is not None]
-      ttests[label][m] = paired_ttest([p[0] for p in pairs], [p[1] for p in pairs])
-
-  overhead_path = os.path.join(experiment_dir(workdir), OVERHEAD_FILE)
-  overhead = _read_json(overhead_path) if os.path.isfile(overhead_path) else None
-  gate_seconds = mean_std([r.get('gate_train_seconds') for r in groups.get(main_label, [])])
+  overhead_path = files.join(experiment_dir(workdir), OVERHEAD_FILE)
+  overhead = files.read_json(overhead_path) if files.isfile(overhead_path) else None
+  gate_seconds = stats_lib.mean_std([r.get('gate_train_seconds') for r in groups.get(main_label, [])])
   training = {'backbone_epoch': overhead, 'gate_train_seconds_main': gate_seconds}
   if overhead and gate_seconds['mean'] is not None and overhead.get('epoch_seconds'):
     training['gate_train_over_backbone_epoch'] = gate_seconds['mean'] / overhead['epoch_seconds']
@@ -317,10 +224,10 @@ def summarize(workdir: str, config=None) -> dict:
                           corruptions=list(ex.corruptions),
                           robustness_reference_size=int(ex.robustness_reference_size),
                           robustness_dataset=ex.robustness_dataset)
-  grid_pick = os.path.join(experiment_dir(workdir), 'ase_grid', 'pareto.json')
-  if os.path.isfile(grid_pick):
-    summary['ase_grid'] = _read_json(grid_pick)
-  _write_json_atomic(os.path.join(experiment_dir(workdir), SUMMARY_FILE), summary)
+  grid_pick = files.join(experiment_dir(workdir), 'ase_grid', 'pareto.json')
+  if files.isfile(grid_pick):
+    summary['ase_grid'] = files.read_json(grid_pick)
+  files.write_json(files.join(experiment_dir(workdir), SUMMARY_FILE), summary)
   return summary
 
 
@@ -329,120 +236,15 @@ def _guess_main(groups) -> str:
   return lees_label(0.05) if lees_label(0.05) in groups else (lees[0] if lees else lees_label(0.05))
 
 
-# ---------------------------------------------------------------------------
-# Gate convergence.
-# ---------------------------------------------------------------------------
-
-
-def bernoulli_kl(p, q, eps: float = 1e-6):
-  """Elementwise KL(Bernoulli(p) || Bernoulli(q))."""
-  p = np.clip(np.asarray(p, np.float64), eps, 1 - eps)
-  q = np.clip(np.asarray(q, np.float64), eps, 1 - eps)
-  return p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
-
-
-def gate_probabilities(alpha, beta, timesteps, num_timesteps: int) -> np.ndarray:
-  """(steps, K) g_k(t_i) = sigmoid(alpha_k t_i + beta_k), t = (timestep + 1) / T."""
-  t = (np.asarray(timesteps, np.float64) + 1.0) / num_timesteps
-  logits = np.asarray(alpha, np.float64)[None, :] * t[:, None] + np.asarray(beta, np.float64)[None, :]
-  return 1.0 / (1.0 + np.exp(-logits))
-
-
 def read_history(path: str) -> list[dict]:
   """Snapshots by step (a restarted run re-logs some steps: the last record wins)."""
-  by_step = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError:  # a partial last line from a killed run
-          continue
-        by_step[int(rec['step'])] = rec
+  by_step = {int(rec['step']): rec for rec in files.read_json_lines(path)}
   return [by_step[s] for s in sorted(by_step)]
-
-
-def gate_convergence(history: list[dict], timesteps, num_timesteps: int, num_train_steps: int,
-                     threshold: float) -> dict:
-  """KL between successive gate snapshots and where it stays below ``threshold``."""
-  if not history:
-    return {'steps': [], 'kl': [], 'converged_step': None, 'converged_fraction': None,
-            'threshold': threshold}
-  k = len(history[0]['alpha'])
-  snaps = history if int(history[0]['step']) == 0 else (
-      [{'step': 0, 'alpha': [0.0] * k, 'beta': [0.0] * k}] + history)
-  probs = [gate_probabilities(s['alpha'], s['beta'], timesteps, num_timesteps) for s in snaps]
-  kl = [float(bernoulli_kl(probs[i], probs[i - 1]).mean()) for i in range(1, len(snaps))]
-  steps = [int(s['step']) for s in snaps[1:]]
-  above = [i for i, v in enumerate(kl) if v >= threshold]
-  if not above:
-    conv_step = int(snaps[0]['step'])
-  elif above[-1] == len(kl) - 1:
-    conv_step = None  # still moving at the end of training
-  else:
-    conv_step = steps[above[-1]]
-  total = max(1, int(num_train_steps))
-  return {'steps': steps, 'kl': kl, 'converged_step': conv_step, 'threshold': threshold,
-          'converged_fraction': None if conv_step is None else conv_step / total}
 
 
 # ---------------------------------------------------------------------------
 # Running the grid.
 # ---------------------------------------------------------------------------
-
-
-class _FidHook:
-  """Wraps the FID module an `evaluate.Evaluator` uses: keeps the last sample statistics (for
-  ΔFID without a second Inception pass), applies the configured Fréchet method, and for the
-  'svd' method caches each covariance's eigendecomposition (references once per run, the
-  samples once per cell), so that ΔFID over many references costs one small SVD each."""
-
-  def __init__(self, fid_lib, method: str):
-    self._lib = fid_lib
-    self.method = method
-    self.last_stats = None
-    self._pinned: dict[int, tuple] = {}  # reference statistics: id -> (stats, r, v)
-    self._last: tuple | None = None      # the latest other statistics
-
-  def __getattr__(self, name):
-    return getattr(self._lib, name)
-
-  def compute_statistics(self, images, **kwargs):
-    self.last_stats = self._lib.compute_statistics(images, **kwargs)
-    return self.last_stats
-
-  def pin(self, stats):
-    """Marks reference statistics whose decomposition is kept for the whole run."""
-    if id(stats) not in self._pinned:
-      self._pinned[id(stats)] = (stats,) + self._decompose(stats)
-    return stats
-
-  def _decompose(self, stats):
-    from lees_jax.fid import fid as fid_module  # pylint: disable=g-import-not-at-top
-    return fid_module._psd_eig(np.asarray(stats.sigma, np.float64), 'sigma')  # pylint: disable=protected-access
-
-  def _eig(self, stats):
-    hit = self._pinned.get(id(stats))
-    if hit is not None and hit[0] is stats:
-      return hit[1:]
-    if self._last is None or self._last[0] is not stats:
-      self._last = (stats,) + self._decompose(stats)
-    return self._last[1:]
-
-  def frechet_svd(self, a, b) -> float:
-    """`fid.frechet_distance(method='svd')` with cached eigendecompositions."""
-    r1, v1 = self._eig(a)
-    r2, v2 = self._eig(b)
-    core = (r2[:, None] * (v2.T @ v1)) * r1[None, :]
-    tr = float(np.sum(np.linalg.svd(core, compute_uv=False))) if core.size else 0.0
-    diff = np.asarray(a.mu, np.float64) - np.asarray(b.mu, np.float64)
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2.0 * tr)
-
-  def fid_from_statistics(self, a, b, method=None):
-    method = method or self.method
-    if method == 'svd':
-      return self.frechet_svd(a, b)
-    return self._lib.fid_from_statistics(a, b, method=method)
 
 
 def _cell_config(config, cell: Cell, backbone: str):
@@ -464,25 +266,23 @@ def train_cell_gates(config, cell: Cell, gates_dir: str, backbone: str) -> dict:
 
   from lees_jax import train  # pylint: disable=g-import-not-at-top
   cfg = _cell_config(config, cell, backbone)
-  timing_path = os.path.join(gates_dir, 'train_time.json')
-  gates_path = os.path.join(gates_dir, train.GATES_FILE)
+  timing_path = files.join(gates_dir, 'train_time.json')
+  gates_path = files.join(gates_dir, train.GATES_FILE)
   objective = train.gates_objective(cfg)
-  if os.path.isfile(gates_path) and os.path.isfile(timing_path) and \
-      _read_json(gates_path).get('step') == objective.num_train_steps:
-    return dict(_read_json(timing_path), gates=_read_json(gates_path),
+  if files.isfile(gates_path) and files.isfile(timing_path) and \
+      files.read_json(gates_path).get('step') == objective.num_train_steps:
+    return dict(files.read_json(timing_path), gates=files.read_json(gates_path),
                 num_train_steps=objective.num_train_steps)
-  history_path = os.path.join(gates_dir, HISTORY_FILE)
+  history_path = files.join(gates_dir, HISTORY_FILE)
   base_scalars = objective.host_scalars
 
   def host_scalars(state):
     out = base_scalars(state)
     if jax.process_index() == 0:
       p = jax.device_get(state['params'])
-      os.makedirs(gates_dir, exist_ok=True)
-      with open(history_path, 'a') as f:
-        f.write(json.dumps({'step': int(state['step']),
-                            'alpha': [float(x) for x in np.asarray(p['alpha'])],
-                            'beta': [float(x) for x in np.asarray(p['beta'])]}) + '\n')
+      files.append_line(history_path, json.dumps({'step': int(state['step']),
+                                                  'alpha': [float(x) for x in np.asarray(p['alpha'])],
+                                                  'beta': [float(x) for x in np.asarray(p['beta'])]}))
     return out
 
   objective = dataclasses.replace(objective, host_scalars=host_scalars)
@@ -490,8 +290,8 @@ def train_cell_gates(config, cell: Cell, gates_dir: str, backbone: str) -> dict:
   train.train(cfg, gates_dir, objective)
   seconds = time.perf_counter() - t0
   timing = {'gate_train_seconds': seconds, 'gate_train_device': str(jax.devices()[0].device_kind)}
-  _write_json_atomic(timing_path, timing)
-  return dict(timing, gates=_read_json(gates_path), num_train_steps=objective.num_train_steps)
+  files.write_json(timing_path, timing)
+  return dict(timing, gates=files.read_json(gates_path), num_train_steps=objective.num_train_steps)
 
 
 def time_backbone_epoch(config, num_steps: int) -> dict:
@@ -532,49 +332,6 @@ def time_backbone_epoch(config, num_steps: int) -> dict:
                     'included, compile step excluded)'}
 
 
-class Robustness:
-  """Cached reference statistics for ΔFID (clean split and each corruption at one severity)."""
-
-  def __init__(self, config, evaluator, out_dir: str):
-    from lees_jax import data  # pylint: disable=g-import-not-at-top
-    ex = config.experiment
-    fid = evaluator.fid
-    n = int(ex.robustness_reference_size)
-    split = f'{ex.robustness_split}[:{n}]' if n > 0 else ex.robustness_split
-    os.makedirs(out_dir, exist_ok=True)
-
-    def stats(tag, load):
-      cache = os.path.join(out_dir, f'ref_{tag}_{split.replace("[", "_").replace(":", "_").strip("]")}.npz')
-      if os.path.isfile(cache):  # named by dataset and split: skip reading the images again
-        st, meta = fid.load_statistics(cache)
-        if meta.get('weights_sha1') == evaluator.extractor.weights_sha1:
-          return st
-      return fid.load_or_compute_reference_stats(load(), cache, extractor=evaluator.extractor)
-
-    self.clean = stats(f'clean_{config.data.dataset}', lambda: data.split_images(config.data, split))
-    self.corrupted = {}
-    for c in ex.corruptions:
-      name = f'{ex.robustness_dataset}/{c}_{int(ex.severity)}'
-      self.corrupted[c] = stats(name.replace('/', '_'),
-                                lambda name=name: data.tfds_images(name, split, config.data.data_dir))
-    for st in (self.clean, *self.corrupted.values()):
-      fid.pin(st)
-    self.fid = fid
-    self.num_samples = int(ex.robustness_num_samples)
-    self.description = (f'{ex.robustness_dataset} <corruption>_{int(ex.severity)} {split} vs '
-                        f'{config.data.dataset} {split}')
-
-  def delta_fid(self, sample_stats, images, extractor) -> dict:
-    if 0 < self.num_samples < len(images):
-      sample_stats = self.fid.compute_statistics(images[:self.num_samples], extractor=extractor)
-    fid = self.fid.fid_from_statistics
-    clean = fid(sample_stats, self.clean, method='svd')
-    per = {c: fid(sample_stats, s, method='svd') - clean for c, s in self.corrupted.items()}
-    return {'fid_clean': clean, 'per_corruption': per,
-            'delta_fid': statistics.fmean(per.values()) if per else None,
-            'num_samples': int(sample_stats.count), 'references': self.description}
-
-
 class _Runner:
   """Shared state of one experiment run: evaluator, compiled programs, ASE grid pick."""
 
@@ -591,68 +348,74 @@ class _Runner:
         eval_config.eval.reference_split = self.ex.reference_split
       if self.ex.latency_repeats > 0:
         eval_config.eval.latency_repeats = int(self.ex.latency_repeats)
-    self.evaluator = evaluate.Evaluator(eval_config, self.out)
-    self.fid_hook = _FidHook(self.evaluator.fid, self.ex.fid_method)
-    self.evaluator.fid = self.fid_hook
-    if self.ex.fid_method == 'svd':
-      self.fid_hook.pin(self.evaluator.ref_stats)
+    self.evaluator = evaluate.Evaluator(eval_config, self.out, fid_method=self.ex.fid_method)
     self.backbone = self.evaluator.backbone_path
     self.num_samples = int(self.ex.num_samples) if self.ex.num_samples > 0 else int(config.eval.num_samples)
     self.programs = {}
-    self.robustness = Robustness(config, self.evaluator, os.path.join(self.out, 'robustness_refs')) \
+    self.robustness = robustness.Robustness(config, self.evaluator,
+                                            files.join(self.out, 'robustness_refs')) \
         if self.ex.robustness else None
     self._grid_pick = None
 
   # -- policies --------------------------------------------------------------
 
-  def _resolved(self, cell: Cell, cdir: str, rec_extra: dict):
-    from lees_jax import ase, evaluate, policies  # pylint: disable=g-import-not-at-top
-    model = self.evaluator.model
+  def policy_spec(self, cell: Cell, cdir: str, rec_extra: dict) -> str:
+    """The cell's policy as an `evaluate.resolve_policy` spec, after what it needs: the B3
+    grid's pick, the main LEES cell's block ratio (A3) or the cell's trained gates (LEES)."""
     if cell.kind == 'full':
-      return evaluate.ResolvedPolicy('full', policies.FullPolicy()), 'full'
+      return 'full'
     if cell.kind == 'ase':
-      return evaluate.resolve_policy('ase:ase_default', model), 'ase_default'
+      return 'ase:ase_default'
     if cell.kind == 'ase_grid':
-      pick = self.ase_grid_pick()
-      rec_extra['ase_grid_pick'] = pick
-      point = ase.GridPoint(int(pick['start']), float(pick['final']))
-      return evaluate.ResolvedPolicy('ase_grid', ase.grid_policy(point, model.units)), 'ase_grid'
+      rec_extra['ase_grid_pick'] = self.ase_grid_pick()
+      return 'ase_grid:' + files.join(self.out, 'ase_grid', 'pareto.json')
     if cell.kind == 'random':
-      main = os.path.join(cell_dir(self.workdir, f'lees_lam{cell.lam:g}_s{cell.seed}'), RESULT_FILE)
-      if not os.path.isfile(main):
+      main = _cell_file(self.workdir, f'lees_lam{cell.lam:g}_s{cell.seed}', RESULT_FILE)
+      if not files.isfile(main):
         raise RuntimeError(f'A3 random gates take their keep fraction from the LEES λ={cell.lam:g} '
                            f'cell of seed {cell.seed}, which has not finished (see its error.txt)')
-      keep = float(_read_json(main)['block_ratio'])
-      p = policies.random_gate_params(int(cell.seed), model.num_units, keep)
-      rec_extra.update(random_keep_fraction=keep, gate_alpha=p['alpha'].tolist(),
-                       gate_beta=p['beta'].tolist())
-      name = f'random_{keep:.3f}_s{cell.seed}'
-      return evaluate.ResolvedPolicy(name, policies.LeesPolicy(p['alpha'], p['beta'], name=name)), None
+      keep = float(files.read_json(main)['block_ratio'])
+      rec_extra['random_keep_fraction'] = keep
+      return f'random:{keep!r}:{int(cell.seed)}'  # repr: the float round-trips exactly
     if cell.kind == 'lees':
-      gates_dir = os.path.join(cdir, 'gates')
+      gates_dir = files.join(cdir, 'gates')
       info = train_cell_gates(self.config, cell, gates_dir, self.backbone)
       g = info['gates']
-      hist = read_history(os.path.join(gates_dir, HISTORY_FILE))
-      conv = gate_convergence(hist, self.evaluator.solver.timesteps, g['num_timesteps'],
-                              info['num_train_steps'], float(self.ex.kl_threshold))
+      hist = read_history(files.join(gates_dir, HISTORY_FILE))
+      conv = stats_lib.gate_convergence(hist, self.evaluator.solver.timesteps, g['num_timesteps'],
+                                        info['num_train_steps'], float(self.ex.kl_threshold))
       rec_extra.update(gate_train_seconds=info['gate_train_seconds'],
                        gate_train_steps=info['num_train_steps'], gates_dir=gates_dir,
                        gate_alpha=g['alpha'], gate_beta=g['beta'],
                        gates_executed_block_ratio=g['executed_block_ratio'],
                        gate_convergence=conv, kl_converged_fraction=conv['converged_fraction'])
-      pol = policies.load_gates(gates_dir)
-      name = cell.id
-      return evaluate.ResolvedPolicy(name, policies.LeesPolicy(pol.alpha, pol.beta, form=cell.form,
-                                                             name=name)), None
+      return f'{"lees_soft" if cell.form == "soft" else "lees"}:{gates_dir}'
     raise ValueError(f'unknown cell kind {cell.kind!r}')
+
+  def _resolved(self, cell: Cell, cdir: str, rec_extra: dict):
+    """(resolved policy named as the records name it, key of its reusable program or None)."""
+    from lees_jax import evaluate  # pylint: disable=g-import-not-at-top
+    spec = self.policy_spec(cell, cdir, rec_extra)
+    names = {'full': 'full', 'ase': 'ase_default', 'ase_grid': 'ase_grid'}
+    if cell.kind == 'random':
+      name = f'random_{rec_extra["random_keep_fraction"]:.3f}_s{cell.seed}'
+    else:
+      name = names.get(cell.kind, cell.id)
+    resolved = evaluate.resolve_policy(spec, self.evaluator.model, name=name)
+    rec_extra['policy_spec'] = spec
+    if cell.kind == 'random':
+      rec_extra.update(gate_alpha=resolved.policy.alpha.tolist(),
+                       gate_beta=resolved.policy.beta.tolist())
+    # Fixed policies compile once per run; gates differ per cell.
+    return resolved, (spec if cell.kind in names else None)
 
   def ase_grid_pick(self) -> dict:
     """Runs the B3 grid once (resumable, W/experiment/ase_grid) and picks within the budget."""
     if self._grid_pick is not None:
       return self._grid_pick
     from lees_jax import ase, evaluate, report  # pylint: disable=g-import-not-at-top
-    out = os.path.join(self.out, 'ase_grid')
-    os.makedirs(out, exist_ok=True)
+    out = files.join(self.out, 'ase_grid')
+    files.makedirs(out)
     cfg = self.config
 
     def evaluate_point(point):
@@ -662,7 +425,7 @@ class _Runner:
       return rec
 
     records = ase.run_grid(ase.drop_grid(cfg.ase.grid_starts, cfg.ase.grid_finals), evaluate_point,
-                           os.path.join(out, 'grid.jsonl'))
+                           files.join(out, 'grid.jsonl'))
     budget = float(self.ex.ase_budget)
     source = 'experiment.ase_budget'
     if budget <= 0:
@@ -682,11 +445,11 @@ class _Runner:
               f'({pick["flop_fraction"]:.3f})')
       print(f'B3: {note}')
     front = ase.pareto_front(records)
-    _write_json_atomic(os.path.join(out, 'pareto.json'),
-                       {'pareto': front, 'budget': budget, 'budget_source': source, 'note': note,
-                        'pick': pick, 'grid_num_samples': int(cfg.ase.grid_num_samples),
-                        'grid_seed': int(cfg.ase.grid_seed)})
-    report.save_png(report.pareto_plot(records, front, pick), os.path.join(out, 'pareto.png'))
+    files.write_json(files.join(out, 'pareto.json'),
+                     {'pareto': front, 'budget': budget, 'budget_source': source, 'note': note,
+                      'pick': pick, 'grid_num_samples': int(cfg.ase.grid_num_samples),
+                      'grid_seed': int(cfg.ase.grid_seed)})
+    report.save_png(report.pareto_plot(records, front, pick), files.join(out, 'pareto.png'))
     self._grid_pick = dict(pick, budget=budget, budget_source=source, note=note)
     return self._grid_pick
 
@@ -695,7 +458,7 @@ class _Runner:
   def run_cell(self, cell: Cell) -> dict:
     from lees_jax import report  # pylint: disable=g-import-not-at-top
     cdir = cell_dir(self.workdir, cell.id)
-    os.makedirs(cdir, exist_ok=True)
+    files.makedirs(cdir)
     t_cell = time.perf_counter()
     extra: dict = {}
     resolved, cache_key = self._resolved(cell, cdir, extra)
@@ -705,7 +468,7 @@ class _Runner:
     if cache_key:
       self.programs[cache_key] = program
     eval_seconds = time.perf_counter() - t_eval
-    sample_stats = self.fid_hook.last_stats
+    sample_stats = self.evaluator.last_sample_stats
     t_rob = time.perf_counter()
     if self.robustness is not None and (not self.ex.robustness_seeds or
                                         cell.seed in tuple(self.ex.robustness_seeds)):
@@ -713,7 +476,7 @@ class _Runner:
       rec.update(robustness=rob, delta_fid=rob['delta_fid'])
     rob_seconds = time.perf_counter() - t_rob
     report.save_png(report.image_grid(images[:max(1, min(int(self.ex.sample_grid), len(images)))]),
-                    os.path.join(cdir, 'samples.png'))
+                    files.join(cdir, 'samples.png'))
     rec.update(extra)
     rec.update(cell=cell.id, group=cell.group, label=cell.label, kind=cell.kind, lam=cell.lam,
                form=cell.form, seed=int(cell.seed), fid_method=self.ex.fid_method,
@@ -724,12 +487,12 @@ class _Runner:
                seconds={'total': time.perf_counter() - t_cell, 'evaluate': eval_seconds,
                         'robustness': rob_seconds,
                         'gate_training': extra.get('gate_train_seconds', 0.0)})
-    _write_json_atomic(os.path.join(cdir, RESULT_FILE), rec)
+    files.write_json(files.join(cdir, RESULT_FILE), rec)
     return rec
 
 
 def _cell_done(workdir: str, cell: Cell) -> bool:
-  return os.path.isfile(os.path.join(cell_dir(workdir, cell.id), RESULT_FILE))
+  return files.isfile(_cell_file(workdir, cell.id, RESULT_FILE))
 
 
 def experiment(config, workdir: str, *, after_cell=None) -> dict:
@@ -741,7 +504,7 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
   from lees_jax import report  # pylint: disable=g-import-not-at-top
   ex = config.experiment
   cells = plan_cells(ex)
-  os.makedirs(experiment_dir(workdir), exist_ok=True)
+  files.makedirs(experiment_dir(workdir))
   if not ex.report_only:
     if not (config.eval.backbone or config.gates.backbone):
       raise ValueError('config.mode=experiment needs a backbone: pass --config.gates.backbone=<a pretrain '
@@ -754,31 +517,28 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
       for name in data_prep.config_datasets(config):  # all data first: fail before hours of work
         data_prep.prepare(name, config.data.data_dir or None)
       runner = _Runner(config, workdir)
-      overhead_path = os.path.join(experiment_dir(workdir), OVERHEAD_FILE)
-      if ex.overhead_steps > 0 and not os.path.isfile(overhead_path):
+      overhead_path = files.join(experiment_dir(workdir), OVERHEAD_FILE)
+      if ex.overhead_steps > 0 and not files.isfile(overhead_path):
         try:
           t0 = time.perf_counter()
-          _write_json_atomic(overhead_path, time_backbone_epoch(config, int(ex.overhead_steps)))
+          files.write_json(overhead_path, time_backbone_epoch(config, int(ex.overhead_steps)))
           print(f'backbone epoch timed in {time.perf_counter() - t0:.1f}s: '
-                f'{_read_json(overhead_path)["epoch_seconds"]:.1f}s per epoch', flush=True)
+                f'{files.read_json(overhead_path)["epoch_seconds"]:.1f}s per epoch', flush=True)
         except Exception:  # pylint: disable=broad-except
           print('timing a backbone epoch failed (the report will lack it):\n' + traceback.format_exc())
       t_start = time.perf_counter()
       for n, cell in enumerate(todo, 1):
-        cdir = cell_dir(workdir, cell.id)
-        os.makedirs(cdir, exist_ok=True)
-        if os.path.isfile(os.path.join(cdir, ERROR_FILE)):
-          os.remove(os.path.join(cdir, ERROR_FILE))
+        error_path = _cell_file(workdir, cell.id, ERROR_FILE)
+        files.remove(error_path)
         print(f'\n=== [cell {n}/{len(todo)}] {cell.id} ({cell.label}, seed {cell.seed}) ===', flush=True)
         t0 = time.perf_counter()
         try:
           rec = runner.run_cell(cell)
         except Exception:  # pylint: disable=broad-except  -- one failed cell must not stop the grid
           tb = traceback.format_exc()
-          with open(os.path.join(cdir, ERROR_FILE), 'w') as f:
-            f.write(tb)
+          files.write_text(error_path, tb)
           print(f'cell {cell.id} FAILED ({time.perf_counter() - t0:.1f}s); traceback in '
-                f'{os.path.join(cdir, ERROR_FILE)}:\n{tb}', flush=True)
+                f'{error_path}:\n{tb}', flush=True)
           rec = None
         else:
           extra = f'  ΔFID {rec["delta_fid"]:+.3f}' if rec.get('delta_fid') is not None else ''
@@ -790,13 +550,13 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
           after_cell(cell, rec)
   summary = summarize(workdir, config)
   path = report.write_report(workdir)
-  print(f'\nsummary: {os.path.join(experiment_dir(workdir), SUMMARY_FILE)}\nreport: {path}')
+  print(f'\nsummary: {files.join(experiment_dir(workdir), SUMMARY_FILE)}\nreport: {path}')
   print_summary(summary)
   planned = {c.id for c in cells}
   failed = [c for c in summary['failed_cells'] if c in planned]
   if failed:
     raise CellsFailed(f'{len(failed)} cell(s) failed: {", ".join(failed)} (tracebacks in '
-                      f'{os.path.join(experiment_dir(workdir), CELLS_DIR)}/<cell>/{ERROR_FILE}); '
+                      f'{files.join(experiment_dir(workdir), CELLS_DIR)}/<cell>/{ERROR_FILE}); '
                       'the other cells finished and the report shows them. Fix the cause and rerun '
                       'the same command: finished cells are kept.')
   return summary

@@ -20,7 +20,6 @@ once, so a LEES policy has at most K + 1 segments.
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Sequence
 
 import jax
@@ -271,13 +270,12 @@ def load_gates(workdir: str) -> LeesPolicy:
 
   ``workdir`` may also be the path of a gates.json file (local or gs://).
   """
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  p = epath.Path(workdir)
-  path = p if p.name.endswith('.json') else p / GATES_FILE
-  if not path.exists():
+  from lees_jax import files  # pylint: disable=g-import-not-at-top
+  path = files.join(workdir) if files.path(workdir).name.endswith('.json') else files.join(workdir, GATES_FILE)
+  if not files.exists(path):
     raise FileNotFoundError(f'no learned gates at {path}: expected the {GATES_FILE} that a finished '
                             '`--config.mode=train_gates` run writes into its workdir')
-  d = json.loads(path.read_text())
+  d = files.read_json(path)
   if 'alpha' not in d or 'beta' not in d:
     raise ValueError(f'{path} is not a gates summary (no alpha/beta)')
   return LeesPolicy(np.asarray(d['alpha'], np.float32), np.asarray(d['beta'], np.float32),

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lees_jax import files
 from lees_jax import policies
 
 
@@ -72,14 +73,13 @@ def gate_heatmap(policy_or_params, unit_names: Sequence[str] | None = None, *,
 
 
 def save_png(image: np.ndarray, path: str):
-  """Writes a uint8 RGB array as PNG (local path or anything etils.epath opens)."""
+  """Writes a uint8 RGB array as PNG, atomically (local or gs://, `lees_jax.files`)."""
   import io  # pylint: disable=g-import-not-at-top
 
-  from etils import epath  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   Image.fromarray(np.asarray(image, np.uint8)).save(buf, format='PNG')
-  epath.Path(path).write_bytes(buf.getvalue())
+  files.write_bytes(path, buf.getvalue())
 
 
 def image_grid(images: np.ndarray, ncol: int = 10, pad: int = 2) -> np.ndarray:
@@ -248,24 +248,16 @@ def _safe(label: str) -> str:
 
 def write_report(workdir: str) -> str:
   """``W/report/report.md`` and its PNGs from ``W/experiment/summary.json`` and the cells'
-  ``result.json`` / ``gates.json`` files (nothing from memory). Returns the report's path."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import shutil  # pylint: disable=g-import-not-at-top
-
-  exp = os.path.join(workdir, 'experiment')
-  out = os.path.join(workdir, 'report')
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(exp, 'summary.json')) as f:
-    summary = json.load(f)
-  cells_root = os.path.join(exp, 'cells')
-  results = []
-  if os.path.isdir(cells_root):
-    for name in sorted(os.listdir(cells_root)):
-      p = os.path.join(cells_root, name, 'result.json')
-      if os.path.isfile(p):
-        with open(p) as f:
-          results.append(json.load(f))
+  ``result.json`` / ``gates.json`` files (nothing from memory). Returns the report's path.
+  Local or gs:// (`lees_jax.files`)."""
+  exp = files.join(workdir, 'experiment')
+  out = files.join(workdir, 'report')
+  files.makedirs(out)
+  summary = files.read_json(files.join(exp, 'summary.json'))
+  cells_root = files.join(exp, 'cells')
+  results = [files.read_json(files.join(cells_root, name, 'result.json'))
+             for name in files.listdir(cells_root)
+             if files.isfile(files.join(cells_root, name, 'result.json'))]
   by_label: dict[str, list[dict]] = {}
   for r in results:
     by_label.setdefault(r['label'], []).append(r)
@@ -417,7 +409,7 @@ def write_report(workdir: str) -> str:
       if conv.get('steps') and r.get('gate_train_steps'):
         curves[f'{l} s{r["seed"]}'] = ([s / r['gate_train_steps'] for s in conv['steps']], conv['kl'])
   if curves:
-    save_png(kl_plot(curves, float(run.get('kl_threshold') or 0.05)), os.path.join(out, 'kl.png'))
+    save_png(kl_plot(curves, float(run.get('kl_threshold') or 0.05)), files.join(out, 'kl.png'))
     add('![gate convergence](kl.png)\n')
 
   # --- gates -----------------------------------------------------------------------------
@@ -428,7 +420,7 @@ def write_report(workdir: str) -> str:
     if recs and recs[0].get('kind') == 'lees' and recs[0].get('form') == 'hard' and recs[0].get('lam') is not None:
       lam_rows.append((float(recs[0]['lam']), per[l]['block_ratio'], per[l]['flop_fraction']))
   if lam_rows:
-    save_png(ratio_vs_lambda_plot(lam_rows), os.path.join(out, 'ratio_vs_lambda.png'))
+    save_png(ratio_vs_lambda_plot(lam_rows), files.join(out, 'ratio_vs_lambda.png'))
     add(_md_table(['λ', 'executed blocks', 'FLOPs'],
                   [[f'{x:g}', _fmt(b, 1, 100, True), _fmt(fl, 1, 100, True)] for x, b, fl in sorted(lam_rows)]))
     add('\n![executed ratio vs λ](ratio_vs_lambda.png)\n')
@@ -438,11 +430,9 @@ def write_report(workdir: str) -> str:
       continue
     r = recs[0]
     fname = f'gates_{_safe(l)}.png'
-    gates_file = os.path.join(r.get('gates_dir') or '', 'gates.json')
     alpha, beta = r.get('gate_alpha'), r.get('gate_beta')
-    if r.get('gates_dir') and os.path.isfile(gates_file):
-      with open(gates_file) as f:
-        g = json.load(f)
+    if r.get('gates_dir') and files.isfile(files.join(r['gates_dir'], 'gates.json')):
+      g = files.read_json(files.join(r['gates_dir'], 'gates.json'))
       alpha, beta = g['alpha'], g['beta']
     if r.get('kind') in ('lees', 'random') and alpha is not None:
       pol = policies.LeesPolicy(np.asarray(alpha), np.asarray(beta), form=r.get('form', 'hard'))
@@ -453,24 +443,22 @@ def write_report(workdir: str) -> str:
                          num_timesteps=r['num_timesteps'], title=f'{l}: executed units')
     else:
       continue
-    save_png(img, os.path.join(out, fname))
+    save_png(img, files.join(out, fname))
     add(f'**{l}** (seed {r["seed"]})\n\n![{l} gates]({fname})\n')
 
   # --- samples ---------------------------------------------------------------------------
   add('## Samples (first seed of each policy)\n')
   for l in labels:
     recs = by_label.get(l, [])
-    src = os.path.join(cells_root, recs[0]['cell'], 'samples.png') if recs else ''
-    if src and os.path.isfile(src):
+    src = files.join(cells_root, recs[0]['cell'], 'samples.png') if recs else ''
+    if src and files.isfile(src):
       fname = f'samples_{_safe(l)}.png'
-      shutil.copyfile(src, os.path.join(out, fname))
+      files.write_bytes(files.join(out, fname), files.read_bytes(src))
       add(f'**{l}** (seed {recs[0]["seed"]}, FID {recs[0]["fid"]:.3f})\n\n![{l} samples]({fname})\n')
 
   points = {l: [(r['latency_ms_per_100'], r['fid']) for r in by_label.get(l, [])
                 if r.get('latency_ms_per_100') is not None] for l in labels}
-  save_png(results_pareto_plot({l: per[l] for l in labels}, points), os.path.join(out, 'pareto.png'))
-  path = os.path.join(out, 'report.md')
-  with open(path + '.tmp', 'w') as f:
-    f.write('\n'.join(md) + '\n')
-  os.replace(path + '.tmp', path)
+  save_png(results_pareto_plot({l: per[l] for l in labels}, points), files.join(out, 'pareto.png'))
+  path = files.join(out, 'report.md')
+  files.write_text(path, '\n'.join(md) + '\n')
   return path

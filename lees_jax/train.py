@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -53,6 +52,7 @@ from lees_jax import checkpoints
 from lees_jax import cost
 from lees_jax import data
 from lees_jax import diffusion
+from lees_jax import files
 from lees_jax import gates as gating
 from lees_jax import policies
 from lees_jax import models
@@ -194,20 +194,20 @@ def _export_backbone(workdir: str, mode: str, state: dict, params: Pytree, confi
     # run on process 0 alone; the EMA parameters are safe in the last checkpoint.
     if jax.process_index() == 0:
       print(f'multi-process run: the EMA parameters are in the step-{step} '
-            f'checkpoint under {_join(workdir, CHECKPOINT_DIR, mode)}. Export them to '
-            f'{_join(workdir, "backbone")} by running the same {mode} command once in a single '
+            f'checkpoint under {files.join(workdir, CHECKPOINT_DIR, mode)}. Export them to '
+            f'{files.join(workdir, "backbone")} by running the same {mode} command once in a single '
             'process (it restores the final checkpoint, trains no further and exports).',
             flush=True)
     return None
-  target = _join(workdir, 'backbone')
-  local = tempfile.mkdtemp(prefix='lees_backbone_') if _is_remote(workdir) else None
+  target = files.join(workdir, 'backbone')
+  local = tempfile.mkdtemp(prefix='lees_backbone_') if files.is_remote(workdir) else None
   with _quiet():
     path = checkpoints.save_backbone(
         os.path.join(local, 'backbone') if local else target, params, config.model,
         diffusion_config=config.diffusion, overwrite=True, step=step, seed=int(config.seed),
         params_kind='ema', **metadata)
   if local:  # gs://...: written locally (atomically), then copied up
-    _copy_tree(path, target, replace=True)
+    files.copy_tree(path, target, replace=True)
     shutil.rmtree(local, ignore_errors=True)
     path = target
   print(f'exported EMA parameters (step {step}) to {path}', flush=True)
@@ -239,7 +239,7 @@ def _read_backbone(path: str, model_config) -> tuple[Pytree, str]:
 
   Fails (naming the path and what was expected) before anything touches the workdir.
   """
-  source = _localize_backbone(path) if _is_remote(path) else path
+  source = _localize_backbone(path) if files.is_remote(path) else path
   with _quiet():
     _, params = checkpoints.load_backbone_params(source, expected_model_config=model_config)
   backbone_dir = checkpoints.find_backbone_dir(source)
@@ -316,9 +316,9 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
         'config': config.to_dict(),
     }
     del policy
-    _write_json(_join(workdir, GATES_FILE), summary)
+    files.write_json(files.join(workdir, GATES_FILE), summary)
     print(f'gates: executed-block ratio {ratio:.3f}, FLOP fraction {flops:.3f} on the '
-          f'{len(timesteps)}-step sampler; wrote {_join(workdir, GATES_FILE)}', flush=True)
+          f'{len(timesteps)}-step sampler; wrote {files.join(workdir, GATES_FILE)}', flush=True)
 
   return Objective(
       name='train_gates', section=gc, num_train_steps=_num_steps(gc, config.data),
@@ -366,16 +366,14 @@ def resolve_ase_schedule(spec: str, units, config=None) -> policies.SchedulePoli
     return ase.grid_policy(points[spec], units)
   path, _, budget = spec.partition('@')
   if path.endswith('.jsonl') or path.endswith('.json'):
-    if not os.path.isfile(path):
+    if not files.isfile(path):
       raise FileNotFoundError(f'config.ase_ft.schedule={spec!r}: no file at {path!r}')
     if path.endswith('.jsonl'):
-      with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+      records = files.read_json_lines(path)
       default_budget = config.eval.ase_budget if config is not None and 'eval' in config else 0.75
       best = ase.pick_for_budget(records, float(budget) if budget else float(default_budget))
       return ase.grid_policy(ase.GridPoint(int(best['start']), float(best['final'])), units)
-    with open(path) as f:
-      d = json.load(f)
+    d = files.read_json(path)
     if 'matrix' not in d:
       raise ValueError(f'config.ase_ft.schedule={spec!r}: {path} has no "matrix" (a (units, '
                        'intervals) 0/1 keep matrix)')
@@ -504,10 +502,10 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
         'backbone': path, 'base_backbone': backbone_dir, 'step': int(state['step']),
         'seed': int(config.seed), 'config': config.to_dict(),
     }
-    _write_json(_join(workdir, ASE_SCHEDULE_FILE), summary)
+    files.write_json(files.join(workdir, ASE_SCHEDULE_FILE), summary)
     print(f'ase_finetune: schedule {policy.name} executes {ratio:.3f} of the blocks '
           f'({flops:.3f} of the FLOPs) on the {len(timesteps)}-step sampler; wrote '
-          f'{_join(workdir, ASE_SCHEDULE_FILE)}', flush=True)
+          f'{files.join(workdir, ASE_SCHEDULE_FILE)}', flush=True)
 
   n_train = models.count_params(trainable)
   return Objective(
@@ -560,50 +558,16 @@ OBJECTIVES = {'pretrain': pretrain_objective, 'train_gates': gates_objective,
 
 
 # ---------------------------------------------------------------------------
-# Files (local paths or gs://, through etils.epath).
+# Files (local paths or gs://, through `lees_jax.files`).
 # ---------------------------------------------------------------------------
-
-
-def _join(workdir: str, *names: str) -> str:
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  return str(epath.Path(workdir).joinpath(*names))
-
-
-def _write_json(path: str, obj):
-  """Atomic (write to a temporary sibling, then rename)."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  p = epath.Path(path)
-  p.parent.mkdir(parents=True, exist_ok=True)
-  tmp = p.parent / (p.name + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=1))
-  tmp.replace(p)
-
-
-def _is_remote(path: str) -> bool:
-  return '://' in str(path)
-
-
-def _copy_tree(src: str, dst: str, replace: bool = False):
-  """Recursive copy through tf.io.gfile (local <-> gs://)."""
-  tf = data.configure_tensorflow()
-  if replace and tf.io.gfile.exists(dst):
-    tf.io.gfile.rmtree(dst)
-  src = src.rstrip('/')
-  for root, _, files in tf.io.gfile.walk(src):
-    rel = root[len(src):].lstrip('/')
-    out = f'{dst.rstrip("/")}/{rel}' if rel else dst
-    tf.io.gfile.makedirs(out)
-    for f in files:
-      tf.io.gfile.copy(f'{root.rstrip("/")}/{f}', f'{out.rstrip("/")}/{f}', overwrite=True)
 
 
 def _localize_backbone(path: str) -> str:
   """Copies a remote (gs://) backbone directory to a local temporary directory."""
-  tf = data.configure_tensorflow()
   for cand in (path, f'{path.rstrip("/")}/backbone'):
-    if tf.io.gfile.exists(f'{cand.rstrip("/")}/{checkpoints.META_FILE}'):
+    if files.exists(files.join(cand, checkpoints.META_FILE)):
       local = os.path.join(tempfile.mkdtemp(prefix='lees_backbone_'), 'backbone')
-      _copy_tree(cand, local)
+      files.copy_tree(cand, local)
       return local
   raise checkpoints.BackboneError(
       f'no backbone checkpoint at {path!r}: expected {checkpoints.META_FILE} and params/ in it or '
@@ -681,7 +645,7 @@ def _checkpoint_manager(workdir: str, objective: Objective):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=int(objective.section.get('keep_checkpoints', 3)), create=True,
       enable_async_checkpointing=False, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(_join(workdir, CHECKPOINT_DIR, objective.name), options=options)
+  return ocp.CheckpointManager(files.join(workdir, CHECKPOINT_DIR, objective.name), options=options)
 
 
 def _restore(manager, state: dict, step: int) -> dict:

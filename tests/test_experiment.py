@@ -1,8 +1,8 @@
-"""experiment mode: statistics, gate convergence, and the whole grid end to end on the tiny config
-(kill and restart, a failing cell, the report). The end-to-end test needs the FID weights."""
+"""experiment mode: the plan of cells, and the whole grid end to end on the tiny config (kill and
+restart, a failing cell, the report). The end-to-end test needs the FID weights. (Its statistics:
+test_stats.py.)"""
 
 import json
-import math
 import os
 
 import numpy as np
@@ -10,77 +10,6 @@ import pytest
 
 from configs import cifar10
 from lees_jax import evaluate, experiment
-
-
-# --- statistics -----------------------------------------------------------------------------
-
-
-def test_paired_ttest_matches_scipy_and_the_formula():
-  from scipy import stats
-  a = [3.08, 3.05, 3.11, 3.07, 3.10]
-  b = [3.25, 3.21, 3.30, 3.24, 3.22]
-  r = experiment.paired_ttest(a, b)
-  ref = stats.ttest_rel(a, b)
-  assert r['t'] == pytest.approx(ref.statistic, rel=1e-12)
-  assert r['p'] == pytest.approx(ref.pvalue, rel=1e-12)
-  # By hand: t = mean(d) / (sd(d) / sqrt(n)), sd with n - 1; p two-sided from t(n - 1).
-  d = np.subtract(a, b)
-  n = len(d)
-  t = d.mean() / (d.std(ddof=1) / math.sqrt(n))
-  assert r['t'] == pytest.approx(t, rel=1e-12)
-  assert r['p'] == pytest.approx(2 * stats.t.sf(abs(t), n - 1), rel=1e-9)
-  assert r['n'] == 5 and r['mean_diff'] == pytest.approx(d.mean())
-  assert r['p'] < 0.05
-
-  one = experiment.paired_ttest([1.0], [2.0])
-  assert one['p'] is None and one['t'] is None and 'at least 2' in one['reason']
-  same = experiment.paired_ttest([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])
-  assert same['p'] is None and 'identical' in same['reason']
-  with pytest.raises(ValueError, match='equal length'):
-    experiment.paired_ttest([1, 2], [1])
-
-
-def test_cached_svd_frechet_matches_fid_module():
-  from lees_jax import fid
-  rng = np.random.default_rng(0)
-  stats = []
-  for n in (5, 40, 40):  # a rank-deficient and two full-rank 16-d covariances
-    f = rng.normal(size=(n, 16)) + rng.normal(size=16)
-    stats.append(fid.statistics_from_features(f))
-  hook = experiment._FidHook(fid, 'svd')
-  hook.pin(stats[2])
-  for a, b in ((stats[0], stats[2]), (stats[1], stats[2]), (stats[0], stats[1])):
-    want = fid.frechet_distance(a.mu, a.sigma, b.mu, b.sigma, method='svd')
-    assert hook.fid_from_statistics(a, b) == pytest.approx(want, rel=1e-10, abs=1e-10)
-    assert hook.fid_from_statistics(a, b, method='sqrtm') == pytest.approx(
-        fid.fid_from_statistics(a, b, method='sqrtm'))
-
-
-def test_mean_std():
-  assert experiment.mean_std([1.0, 2.0, 3.0]) == {'mean': 2.0, 'std': 1.0, 'n': 3}
-  assert experiment.mean_std([4.0, None]) == {'mean': 4.0, 'std': None, 'n': 1}
-  assert experiment.mean_std([]) == {'mean': None, 'std': None, 'n': 0}
-
-
-def test_gate_convergence_kl():
-  ts = [0, 499, 999]
-  p = experiment.gate_probabilities([2.0], [-1.0], ts, 1000)
-  np.testing.assert_allclose(p[:, 0], 1 / (1 + np.exp(-(2.0 * np.array([0.001, 0.5, 1.0]) - 1.0))))
-  # KL(Bern(p) || Bern(0.5)) by hand for the first snapshot.
-  hist = [{'step': 10, 'alpha': [2.0], 'beta': [-1.0]},
-          {'step': 20, 'alpha': [2.0], 'beta': [-1.0]},
-          {'step': 30, 'alpha': [2.1], 'beta': [-1.0]}]
-  conv = experiment.gate_convergence(hist, ts, 1000, num_train_steps=40, threshold=0.05)
-  q = p[:, 0]
-  kl0 = np.mean(q * np.log(q / 0.5) + (1 - q) * np.log((1 - q) / 0.5))
-  assert conv['steps'] == [10, 20, 30]
-  assert conv['kl'][0] == pytest.approx(kl0)
-  assert conv['kl'][1] == 0.0
-  # kl0 is above 0.05, every later one below: converged after step 10 of 40.
-  assert kl0 >= 0.05 and conv['kl'][2] < 0.05
-  assert conv['converged_step'] == 10 and conv['converged_fraction'] == 0.25
-  moving = experiment.gate_convergence(hist[:1], ts, 1000, 40, 0.05)
-  assert moving['converged_fraction'] is None
 
 
 def test_plan_cells_and_config():
@@ -160,14 +89,14 @@ def test_study_end_to_end_kill_restart_failure_report(tiny_backbone, tmp_path, m
 
     # 2. Restart with one cell failing (a bad policy): the others finish; it is reported.
     runs.clear()
-    real_resolved = experiment._Runner._resolved
+    real_policy_spec = experiment._Runner.policy_spec
 
     def bad_policy(self, cell, cdir, extra):
       if cell.id == 'b2_ase_default_s1':
-        return evaluate.resolve_policy('ase:D9', self.evaluator.model), None
-      return real_resolved(self, cell, cdir, extra)
+        return 'ase:D9'
+      return real_policy_spec(self, cell, cdir, extra)
 
-    monkeypatch.setattr(experiment._Runner, '_resolved', bad_policy)
+    monkeypatch.setattr(experiment._Runner, 'policy_spec', bad_policy)
     with pytest.raises(experiment.CellsFailed, match='b2_ase_default_s1'):
       experiment.experiment(c, w)
     assert 'unknown ASE schedule' in open(os.path.join(experiment.cell_dir(w, 'b2_ase_default_s1'),
@@ -180,7 +109,7 @@ def test_study_end_to_end_kill_restart_failure_report(tiny_backbone, tmp_path, m
     assert 'b2_ase_default_s1' in report_md  # listed as failed
 
     # 3. Fixed: only the failed cell runs.
-    monkeypatch.setattr(experiment._Runner, '_resolved', real_resolved)
+    monkeypatch.setattr(experiment._Runner, 'policy_spec', real_policy_spec)
     runs.clear()
     summary = experiment.experiment(c, w)
   assert runs == [('ase_default', 1)]

@@ -244,6 +244,27 @@ def test_sqrtm_and_svd_agree(n):
     fid.fid_from_statistics(s1, s2, method="eigh")
 
 
+def test_svd_eigendecompositions_are_cached_on_the_statistics(monkeypatch):
+  """fid_from_statistics(method="svd") decomposes each covariance once per Statistics object
+  (ΔFID over many references) and gives bitwise what frechet_distance gives without a cache."""
+  rng = np.random.default_rng(0)
+  stats = [fid.statistics_from_features(rng.normal(size=(n, 16)) + rng.normal(size=16))
+           for n in (5, 40, 40)]  # a rank-deficient and two full-rank 16-d covariances
+  want = {(i, j): fid.frechet_distance(stats[i].mu, stats[i].sigma, stats[j].mu, stats[j].sigma,
+                                       method="svd") for i, j in ((0, 2), (1, 2), (0, 1))}
+  calls = []
+  real = fid._psd_eig
+  monkeypatch.setattr(fid, "_psd_eig", lambda a, name: calls.append(name) or real(a, name))
+  for _ in range(2):
+    for (i, j), value in want.items():
+      assert fid.fid_from_statistics(stats[i], stats[j], method="svd") == value  # bitwise
+  assert len(calls) == 3  # one per statistics, not one per distance
+  # sqrtm neither uses nor needs the cache.
+  fresh = fid.Statistics(stats[0].mu, stats[0].sigma, stats[0].count)
+  fid.fid_from_statistics(fresh, stats[1], method="sqrtm")
+  assert "sqrt_eigh" not in vars(fresh)
+
+
 def test_frechet_distance_singular_and_bad_inputs():
   # Rank-deficient covariances (fewer samples than dimensions) still give a finite value.
   rng = np.random.default_rng(1)

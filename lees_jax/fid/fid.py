@@ -16,10 +16,10 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
-import tempfile
 import time
 import warnings
 from typing import Iterable, Iterator
@@ -29,7 +29,7 @@ import numpy as np
 import scipy.linalg
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lees_jax import torch_archive
+from lees_jax import files, torch_archive
 from lees_jax.fid import inception
 
 DEFAULT_BATCH_SIZE = 100
@@ -159,10 +159,21 @@ class FeatureExtractor:
 
 @dataclasses.dataclass(frozen=True)
 class Statistics:
-  """Mean and covariance (float64) of Inception features over ``count`` images."""
+  """Mean and covariance (float64) of Inception features over ``count`` images.
+
+  The 'svd' Fréchet method needs each covariance's symmetric eigendecomposition; it is
+  computed on first use and kept with the statistics (`sqrt_eigh`), so comparing one sample
+  against many references, or many samples against one reference, decomposes each covariance
+  once (the experiment's ΔFID over corruptions relies on it). Treat statistics as immutable.
+  """
   mu: np.ndarray
   sigma: np.ndarray
   count: int
+
+  @functools.cached_property
+  def sqrt_eigh(self) -> tuple[np.ndarray, np.ndarray]:
+    """(sqrt of the kept eigenvalues, eigenvectors) of sigma: `_psd_eig`, cached."""
+    return _psd_eig(np.atleast_2d(np.asarray(self.sigma, np.float64)), "sigma")
 
 
 class _Moments:
@@ -221,7 +232,8 @@ def compute_statistics(images: np.ndarray | Iterable[np.ndarray], *,
 # --------------------------------------------------------------------------------------------
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
-                     imag_atol: float = 1e-3, method: str = "sqrtm") -> float:
+                     imag_atol: float = 1e-3, method: str = "sqrtm", *,
+                     sqrt_eighs: tuple | None = None) -> float:
   """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
   d^2 = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^{1/2}).
@@ -239,6 +251,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
   where sqrtm's result carries ~1e-4 of noise (identical statistics of 4 images give
   |FID| ~ 3e-4 with sqrtm, ~1e-12 with svd).
   For full-rank statistics both agree to ~1e-12 relative; published numbers used sqrtm.
+  ``sqrt_eighs`` (svd only): the two covariances' `_psd_eig` results, when already known
+  (`Statistics.sqrt_eigh`); the result is bitwise the one computed without them.
   """
   mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
   mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
@@ -257,7 +271,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
   if method == "sqrtm":
     tr_covmean = _trace_sqrt_product_sqrtm(sigma1, sigma2, eps, imag_atol)
   elif method == "svd":
-    tr_covmean = _trace_sqrt_product_svd(sigma1, sigma2)
+    tr_covmean = _trace_sqrt_product_svd(sigma1, sigma2, sqrt_eighs)
   else:
     raise ValueError(f"method must be 'sqrtm' or 'svd', got {method!r}")
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
@@ -297,13 +311,14 @@ def _psd_eig(a: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
   return np.sqrt(w[keep]), v[:, keep]
 
 
-def _trace_sqrt_product_svd(sigma1, sigma2) -> float:
+def _trace_sqrt_product_svd(sigma1, sigma2, sqrt_eighs=None) -> float:
   # S1^1/2 S2 S1^1/2 = M^T M with M = S2^1/2 S1^1/2, so tr((S1 S2)^1/2) = sum of the singular
   # values of M (its nuclear norm), with no square roots of rounding noise. Writing
   # S_k^1/2 = V_k diag(r_k) V_k^T over the kept eigenpairs, M's singular values are those of the
   # small r2 x r1 matrix diag(r2) V2^T V1 diag(r1): cheap when there are few images.
-  r1, v1 = _psd_eig(sigma1, "sigma1")
-  r2, v2 = _psd_eig(sigma2, "sigma2")
+  if sqrt_eighs is None:
+    sqrt_eighs = (_psd_eig(sigma1, "sigma1"), _psd_eig(sigma2, "sigma2"))
+  (r1, v1), (r2, v2) = sqrt_eighs
   core = (r2[:, None] * (v2.T @ v1)) * r1[None, :]
   if core.size == 0:
     return 0.0
@@ -311,7 +326,9 @@ def _trace_sqrt_product_svd(sigma1, sigma2) -> float:
 
 
 def fid_from_statistics(a: Statistics, b: Statistics, method: str = "sqrtm") -> float:
-  return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, method=method)
+  """FID between two statistics; 'svd' uses (and fills) their cached eigendecompositions."""
+  eighs = (a.sqrt_eigh, b.sqrt_eigh) if method == "svd" else None
+  return frechet_distance(a.mu, a.sigma, b.mu, b.sigma, method=method, sqrt_eighs=eighs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,43 +336,30 @@ def fid_from_statistics(a: Statistics, b: Statistics, method: str = "sqrtm") -> 
 # --------------------------------------------------------------------------------------------
 
 def save_statistics(path: str | os.PathLike, stats: Statistics, **fingerprints: str) -> None:
-  """Writes mu, sigma, count (+ string fingerprints such as data_sha1) to an .npz, atomically."""
+  """Writes mu, sigma, count (+ string fingerprints such as data_sha1) to an .npz, atomically
+  (local or gs://, `lees_jax.files`)."""
   extra = {k: np.asarray(str(v)) for k, v in fingerprints.items() if v is not None}
-  _atomic_savez(path, mu=stats.mu, sigma=stats.sigma, count=np.asarray(stats.count, np.int64),
-                **extra)
-
-
-def _atomic_savez(path: str | os.PathLike, **arrays) -> None:
-  """np.savez to a temporary file, then rename: a crash never leaves a half-written file."""
-  path = os.fspath(path)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  files.save_npz(os.fspath(path), mu=stats.mu, sigma=stats.sigma,
+                 count=np.asarray(stats.count, np.int64), **extra)
 
 
 def is_statistics_file(npz) -> bool:
-  return "mu" in npz.files and "sigma" in npz.files
+  files_ = npz.files if hasattr(npz, "files") else npz
+  return "mu" in files_ and "sigma" in files_
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[Statistics, dict[str, str]]:
-  """Reads a statistics .npz; returns (stats, string fingerprints stored alongside)."""
-  with np.load(os.fspath(path), allow_pickle=False) as z:
-    if not is_statistics_file(z):
-      raise ValueError(f"{path} is not a statistics file: it needs keys 'mu' and 'sigma' "
-                       f"(found {sorted(z.files)})")
-    mu = np.asarray(z["mu"], np.float64)
-    sigma = np.asarray(z["sigma"], np.float64)
-    count = int(z["count"]) if "count" in z.files else 0
-    meta = {k: str(z[k]) for k in z.files
-            if k not in ("mu", "sigma", "count") and z[k].dtype.kind == "U" and z[k].ndim == 0}
+  """Reads a statistics .npz (local or gs://); returns (stats, string fingerprints stored
+  alongside)."""
+  z = files.load_npz(os.fspath(path))
+  if not is_statistics_file(z):
+    raise ValueError(f"{path} is not a statistics file: it needs keys 'mu' and 'sigma' "
+                     f"(found {sorted(z)})")
+  mu = np.asarray(z["mu"], np.float64)
+  sigma = np.asarray(z["sigma"], np.float64)
+  count = int(z["count"]) if "count" in z else 0
+  meta = {k: str(z[k]) for k in z
+          if k not in ("mu", "sigma", "count") and z[k].dtype.kind == "U" and z[k].ndim == 0}
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise ValueError(f"{path}: bad statistics shapes mu {mu.shape}, sigma {sigma.shape}")
   return Statistics(mu=mu, sigma=sigma, count=count), meta
@@ -383,7 +387,7 @@ def load_or_compute_reference_stats(images: np.ndarray, cache_path: str | os.Pat
   else:
     weights_sha1 = inception.verify_weights(inception.resolve_weights_path(weights_path))
   cache_path = os.fspath(cache_path)
-  if os.path.exists(cache_path):
+  if files.exists(cache_path):
     try:
       stats, meta = load_statistics(cache_path)
       if meta.get("data_sha1") == data_sha1 and meta.get("weights_sha1") == weights_sha1:
@@ -410,27 +414,26 @@ def load_or_compute_reference_stats(images: np.ndarray, cache_path: str | os.Pat
             f"ETA {(n - done) / rate:.0f} s", flush=True)
   stats = moments.result()
   save_statistics(cache_path, stats, **fingerprints)
-  if os.path.exists(partial):
-    os.remove(partial)
+  files.remove(partial)
   return stats
 
 
 def _save_partial(path: str, m: _Moments, done: int, fingerprints: dict) -> None:
-  _atomic_savez(path, shift=m.shift, s=m.s, ss=m.ss, n=np.asarray(m.n), done=np.asarray(done),
-                **{k: np.asarray(str(v)) for k, v in fingerprints.items()})
+  files.save_npz(path, shift=m.shift, s=m.s, ss=m.ss, n=np.asarray(m.n), done=np.asarray(done),
+                 **{k: np.asarray(str(v)) for k, v in fingerprints.items()})
 
 
 def _load_partial(path: str, fingerprints: dict) -> tuple[_Moments, int]:
   """The saved moments of an interrupted run over the same data and weights, else a fresh start."""
   m = _Moments()
-  if not os.path.exists(path):
+  if not files.exists(path):
     return m, 0
   try:
-    with np.load(path, allow_pickle=False) as z:
-      if any(str(z[k]) != str(v) for k, v in fingerprints.items()):
-        return m, 0
-      m.shift, m.s, m.ss, m.n = z["shift"], z["s"], z["ss"], int(z["n"])
-      done = int(z["done"])
+    z = files.load_npz(path)
+    if any(str(z[k]) != str(v) for k, v in fingerprints.items()):
+      return m, 0
+    m.shift, m.s, m.ss, m.n = z["shift"], z["s"], z["ss"], int(z["n"])
+    done = int(z["done"])
   except (ValueError, OSError, KeyError) as e:
     logging.warning("ignoring unreadable partial FID statistics %s (%s)", path, e)
     return _Moments(), 0
