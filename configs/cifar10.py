@@ -66,6 +66,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict(dict(
       name='ddpm',        # 'ddpm' | 'ddim' | 'dpm_solver++'
       steps=50, spacing='', eta=0.0, clip_x0=True,
+      variance='fixed_large',  # ddpm: 'fixed_large' (beta_t) or 'fixed_small' (posterior variance)
       path='segments',    # 'segments' (static masks per segment) or 'cond' (lax.cond per unit)
       dtype='float32', batch_size=100))
 

@@ -7,13 +7,11 @@ the tests compare. The oracle is the 1-device run: the sharded program must comp
 thing (the batch split over devices, parameters replicated, the same random draws).
 """
 
-import json
 import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
