@@ -229,12 +229,10 @@ def test_tensorboard_has_scalars_and_heatmap(gates_run, pretrained):
   assert {'loss', 'learning_rate', 'grad_norm'} <= set(ea.Tags()['tensors'])
 
 
-def test_kill_and_restart_gives_identical_gates(gates_run, pretrained, compile_cache, tmp_path):
-  backbone, _ = pretrained
-  workdir = str(tmp_path / 'killed')
-  cmd = _gate_flags(backbone, workdir)
-  ckpt_dir = os.path.join(workdir, 'checkpoints', 'train_gates')
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(compile_cache), stdout=subprocess.DEVNULL,
+def _kill_after_first_checkpoint(cmd, ckpt_dir, env):
+  """Starts ``cmd``, SIGKILLs it as soon as a checkpoint step appears in ``ckpt_dir``; returns
+  that step (None if the run ended first or no checkpoint came within 180 s)."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   killed_after = None
   try:
@@ -250,6 +248,15 @@ def test_kill_and_restart_gives_identical_gates(gates_run, pretrained, compile_c
     if proc.poll() is None and killed_after is None:
       proc.kill()
     proc.wait()
+  return killed_after
+
+
+def test_kill_and_restart_gives_identical_gates(gates_run, pretrained, compile_cache, tmp_path):
+  backbone, _ = pretrained
+  workdir = str(tmp_path / 'killed')
+  cmd = _gate_flags(backbone, workdir)
+  ckpt_dir = os.path.join(workdir, 'checkpoints', 'train_gates')
+  killed_after = _kill_after_first_checkpoint(cmd, ckpt_dir, _env(compile_cache))
   assert killed_after is not None and killed_after < GATE_STEPS, 'the run ended before the kill'
   assert not os.path.exists(os.path.join(workdir, 'gates.json'))
   out = subprocess.run(cmd, cwd=REPO, env=_env(compile_cache), capture_output=True, text=True,
@@ -276,22 +283,7 @@ def test_pretrain_kill_and_restart_gives_identical_backbone(compile_cache, tmp_p
          f'--workdir={workdir}', '--config.mode=pretrain'] + [
              f'--config.{k}={v}' for k, v in PRETRAIN_RESUME.items()]
   ckpt_dir = os.path.join(workdir, 'checkpoints', 'pretrain')
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(compile_cache), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  killed_after = None
-  try:
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-      steps = [d for d in (os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []) if d.isdigit()]
-      if steps:
-        proc.send_signal(signal.SIGKILL)
-        killed_after = max(int(s) for s in steps)
-        break
-      time.sleep(0.02)
-  finally:
-    if proc.poll() is None and killed_after is None:
-      proc.kill()
-    proc.wait()
+  killed_after = _kill_after_first_checkpoint(cmd, ckpt_dir, _env(compile_cache))
   steps = PRETRAIN_RESUME['pretrain.num_train_steps']
   assert killed_after is not None and killed_after < steps, 'the run ended before the kill'
   assert not os.path.exists(os.path.join(workdir, 'backbone'))
