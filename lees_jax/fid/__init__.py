@@ -1,7 +1,8 @@
 """FID with TF Inception "2015-12-05" weights, in JAX (no torch / tensorflow imports).
 
-`inception` holds the Flax network and the weights loader, `fid` the features, statistics,
-Fréchet distance and the reference-statistics cache. CLI: ``python -m lees_jax.fid --help``.
+`inception` holds the Flax network and the weights loader, `fid` the features, statistics and
+Fréchet distance, `reference` the statistics files and the resumable reference-statistics cache.
+CLI: ``python -m lees_jax.fid --help``.
 """
 
 from lees_jax.fid.fid import (
@@ -13,9 +14,6 @@ from lees_jax.fid.fid import (
     fid_from_statistics,
     frechet_distance,
     images_fingerprint,
-    load_or_compute_reference_stats,
-    load_statistics,
-    save_statistics,
     statistics_from_features,
 )
 from lees_jax.fid.inception import (
@@ -27,4 +25,9 @@ from lees_jax.fid.inception import (
     preprocess,
     resolve_weights_path,
     verify_weights,
+)
+from lees_jax.fid.reference import (
+    load_or_compute_reference_stats,
+    load_statistics,
+    save_statistics,
 )

@@ -61,7 +61,7 @@ def _load_folder(folder: str) -> np.ndarray:
 
 def load_input(path: str):
   """Returns ('stats', Statistics) or ('images', uint8 NHWC array) for a CLI argument."""
-  from lees_jax.fid import fid
+  from lees_jax.fid import fid, reference
 
   if not os.path.exists(path):
     raise InputError(f"{path}: no such file or folder")
@@ -72,7 +72,7 @@ def load_input(path: str):
   try:
     with np.load(path, allow_pickle=False) as z:
       files = set(z.files)
-      is_stats = fid.is_statistics_file(z)
+      is_stats = reference.is_statistics_file(z)
       images = z["images"] if "images" in files and not is_stats else None
   except InputError:
     raise
@@ -80,7 +80,7 @@ def load_input(path: str):
     raise InputError(f"{path}: cannot read .npz ({e})") from e
   if is_stats:
     try:
-      stats, _ = fid.load_statistics(path)
+      stats, _ = reference.load_statistics(path)
     except ValueError as e:
       raise InputError(str(e)) from e
     return "stats", stats
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
   if args.batch_size is not None and args.batch_size < 1:
     parser.error("--batch_size must be positive")
 
-  from lees_jax.fid import fid, inception
+  from lees_jax.fid import fid, inception, reference
 
   batch_size = args.batch_size or fid.DEFAULT_BATCH_SIZE
   try:
@@ -138,8 +138,8 @@ def main(argv=None) -> int:
     if args.save_stats:
       weights_sha1 = extractor.weights_sha1 if extractor is not None else None
       data_sha1 = fid.images_fingerprint(loaded[0][1]) if loaded[0][0] == "images" else None
-      fid.save_statistics(args.save_stats[1], stats[0], data_sha1=data_sha1,
-                          weights_sha1=weights_sha1)
+      reference.save_statistics(args.save_stats[1], stats[0], data_sha1=data_sha1,
+                                weights_sha1=weights_sha1)
       print(f"saved statistics of {stats[0].count} images to {args.save_stats[1]}")
     else:
       print(f"FID: {fid.fid_from_statistics(stats[0], stats[1], method=args.method):.6f}")

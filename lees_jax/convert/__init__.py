@@ -1,0 +1,148 @@
+"""Import a diffusers ``UNet2DModel`` checkpoint (e.g. google/ddpm-cifar10-32) as a lees_jax backbone.
+
+Usage:
+  python -m lees_jax.convert --source=google/ddpm-cifar10-32 --out=checkpoints/ddpm-cifar10-32
+  python -m lees_jax.convert --source=/path/to/D --out=checkpoints/ddpm-cifar10-32   # offline
+
+``--source`` is a local directory holding ``config.json`` and
+``diffusion_pytorch_model.safetensors`` (preferred) or ``diffusion_pytorch_model.bin``
+(directly or in a ``unet/`` sub-folder, as in a pipeline snapshot), or a Hugging Face Hub id
+whose files are downloaded with ``huggingface_hub.hf_hub_download``. A ``scheduler_config.json``
+next to them (or in ``scheduler/``) supplies the diffusion schedule; without one the DDPM
+linear schedule (1e-4 -> 0.02, T = 1000) is recorded.
+
+Nothing here imports torch or diffusers: ``.safetensors`` are read with safetensors' numpy API,
+``.bin`` with the code-free reader `lees_jax.torch_archive`. The conversion is strict: the
+diffusers architecture config must be one our `UNetSpec` represents exactly (every unsupported
+field is reported), and every tensor must map one-to-one onto our parameter tree with the right
+shape (every missing, unexpected or wrongly shaped tensor is reported). The output is written
+with `checkpoints.save_backbone`, atomically: a failed conversion leaves nothing at ``--out``.
+
+The package is split by concern, so that importers of other architectures reuse what is not
+specific to one: `sources` finds and reads a source (local directory or Hub, safetensors / .bin,
+fingerprints), `diffusers_unet` maps the UNet2DModel config and tensors onto our UNet,
+`diffusers_scheduler` maps the scheduler config onto `config.diffusion`, `errors` holds the
+errors they share, ``__main__`` the command line. This module orchestrates one conversion and
+re-exports the public names, so ``convert.<name>`` works whichever module defines it.
+
+Public API: `convert`, `diffusers_to_params`, `model_config_from_diffusers`,
+`diffusion_config_from_scheduler`, `read_state_dict`, `ConversionError`, `SourceUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lees_jax.convert.diffusers_scheduler import (
+    SCHEDULER_DEFAULTS,
+    SUPPORTED_VARIANCE_TYPES,
+    diffusion_config_from_scheduler,
+    scheduler_variance_type,
+)
+from lees_jax.convert.diffusers_unet import (
+    DDPM_DROPOUT,
+    DIFFUSERS_DEFAULTS,
+    diffusers_name,
+    diffusers_to_params,
+    model_config_from_diffusers,
+    normalize_names,
+)
+from lees_jax.convert.errors import ConversionError, SourceUnavailableError
+from lees_jax.convert.sources import (
+    BIN_FILE,
+    CONFIG_FILE,
+    HUB_URL,
+    SAFETENSORS_FILE,
+    SCHEDULER_FILE,
+    _dtype_counts,  # the private helpers are those `convert` below uses
+    _hub_files,
+    _local_files,
+    _looks_like_hub_id,
+    _read_json,
+    _revision,
+    _sha256,
+    read_state_dict,
+)
+
+__all__ = [
+    'BIN_FILE', 'CONFIG_FILE', 'DDPM_DROPOUT', 'DIFFUSERS_DEFAULTS', 'HUB_URL', 'SAFETENSORS_FILE',
+    'SCHEDULER_DEFAULTS', 'SCHEDULER_FILE', 'SUPPORTED_VARIANCE_TYPES', 'ConversionError',
+    'SourceUnavailableError', 'convert', 'diffusers_name', 'diffusers_to_params',
+    'diffusion_config_from_scheduler', 'main', 'model_config_from_diffusers', 'normalize_names',
+    'read_state_dict', 'scheduler_variance_type',
+]
+
+
+def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | None = None) -> str:
+  """Converts a diffusers UNet2DModel (local directory or Hub id) into a backbone at ``out``.
+
+  Returns the absolute backbone directory, loadable with `lees_jax.load_backbone`. Raises
+  `ConversionError` (a ValueError; `SourceUnavailableError` when files cannot be found or
+  downloaded, with instructions), `torch_archive.UnsafeArchiveError` for a ``.bin`` whose pickle
+  would run code, or FileExistsError if ``out`` exists and not ``overwrite``. Nothing is written
+  to ``out`` unless the conversion succeeds.
+  """
+  from lees_jax import checkpoints, models
+
+  out_abs = os.path.abspath(out)
+  if os.path.exists(out_abs) and not overwrite:
+    raise FileExistsError(f'{out_abs} already exists; pass --overwrite (overwrite=True) to replace '
+                          'it, or choose another --out (nothing was written)')
+  if os.path.isdir(source):
+    files = _local_files(source)
+    source_desc = os.path.abspath(source)
+  elif os.path.exists(source):
+    raise SourceUnavailableError(f'--source={source} is a file; pass the directory holding '
+                                 f'{CONFIG_FILE} and {SAFETENSORS_FILE} (or {BIN_FILE})')
+  elif _looks_like_hub_id(source):
+    files = _hub_files(source, out)
+    source_desc = source
+  else:
+    raise SourceUnavailableError(f'--source={source}: no such directory, and not a Hugging Face '
+                                 'Hub id (owner/name)')
+
+  diffusers_config = _read_json(files['config'])
+  scheduler_config = _read_json(files['scheduler']) if files['scheduler'] else None
+  # Check the architecture before reading ~140 MB of weights.
+  model_config_from_diffusers(diffusers_config, dropout=dropout)
+  diffusion_config = diffusion_config_from_scheduler(scheduler_config)
+  state_dict = read_state_dict(files['weights'])
+  _, attention_names = normalize_names(state_dict)
+  source_dtypes = _dtype_counts(state_dict)
+  model_config, params = diffusers_to_params(state_dict, diffusers_config, dropout=dropout)
+  del state_dict
+
+  ignored = sorted(k for k in diffusers_config
+                   if not k.startswith('_') and k not in DIFFUSERS_DEFAULTS)
+  metadata = dict(
+      source=source_desc,
+      source_revision=_revision(files['weights']),
+      source_files={k: (os.path.basename(v) if v else None) for k, v in files.items()},
+      weights_sha256=_sha256(files['weights']),
+      attention_names=attention_names,
+      diffusers_config=diffusers_config,
+      scheduler_config=scheduler_config,
+      diffusion_from=('scheduler_config.json' if scheduler_config is not None
+                      else 'default DDPM linear schedule (no scheduler_config.json found)'),
+      # The variance the source's DDPMScheduler samples with. lees_jax's DDPM sampler uses
+      # config.sampler.variance (default 'fixed_large', the paper's); not applied automatically.
+      variance_type=scheduler_variance_type(scheduler_config),
+      variance_type_from=('scheduler_config.json' if scheduler_config is not None
+                          and 'variance_type' in scheduler_config
+                          else "diffusers' DDPMScheduler default"),
+      source_dtypes=source_dtypes,
+      ignored_config_keys=ignored,
+      num_params=models.count_params(params),
+      converted_by='lees_jax.convert')
+  return checkpoints.save_backbone(out_abs, params, model_config, diffusion_config=diffusion_config,
+                                   overwrite=overwrite, **metadata)
+
+
+def __getattr__(name: str):
+  # `main` lives in __main__ (the command line). Importing that module here, eagerly, would
+  # make ``python -m lees_jax.convert`` warn that it was imported before being run as a script,
+  # so `convert.main` is resolved on first use.
+  if name == 'main':
+    from lees_jax.convert.__main__ import main  # pylint: disable=g-import-not-at-top
+    return main
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,0 +1,52 @@
+"""The command line: ``python -m lees_jax.convert --source=... --out=...`` (see `lees_jax.convert`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from lees_jax.convert import convert
+from lees_jax.convert.diffusers_unet import DDPM_DROPOUT
+from lees_jax.convert.sources import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m lees_jax.convert',
+      description='Import a diffusers UNet2DModel checkpoint (e.g. google/ddpm-cifar10-32) as a '
+                  'lees_jax backbone directory (load it with lees_jax.load_backbone).')
+  parser.add_argument('--source', required=True,
+                      help='Hugging Face Hub id (e.g. google/ddpm-cifar10-32) or a local directory '
+                           f'holding {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}')
+  parser.add_argument('--out', required=True, help='output backbone directory (must not exist)')
+  parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+  parser.add_argument('--dropout', type=float, default=None,
+                      help=f'training dropout recorded in the model config (default: the config\'s '
+                           f'non-zero dropout, else {DDPM_DROPOUT} as in DDPM CIFAR-10)')
+  args = parser.parse_args(argv)
+  try:
+    directory = convert(args.source, args.out, overwrite=args.overwrite, dropout=args.dropout)
+  except (ValueError, FileExistsError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  with open(os.path.join(directory, 'backbone.json')) as f:
+    meta = json.load(f)
+  m = meta['model']
+  print(f'wrote {directory}: {meta["num_params"]:,} parameters, ch={m["ch"]}, '
+        f'ch_mult={tuple(m["ch_mult"])}, attn_resolutions={tuple(m["attn_resolutions"])}, '
+        f'from {meta["source"]} ({meta["source_files"]["weights"]}, {meta["attention_names"]} '
+        f'attention names); diffusion: {meta["diffusion"]}')
+  print(f'note: the source scheduler samples with variance_type={meta["variance_type"]!r} '
+        f'({meta["variance_type_from"]}); lees_jax\'s DDPM sampler uses config.sampler.variance '
+        "(default 'fixed_large', the paper's)")
+  if meta['ignored_config_keys']:
+    print(f'note: config.json keys not used by diffusers\' UNet2DModel were ignored: '
+          f'{meta["ignored_config_keys"]}')
+  print(f'load it with: model, params = lees_jax.load_backbone({directory!r})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
