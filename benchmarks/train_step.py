@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lees_jax import data, models, train  # noqa: E402
+from lees_jax import data, models, objectives, train  # noqa: E402
 
 
 def load_config(spec: str):
@@ -39,22 +39,11 @@ def load_config(spec: str):
 
 
 def prepare_objective(objective, mesh, batch) -> tuple[callable, dict]:
-  """Compiles the real training step of ``objective``; returns (run one step, info)."""
-  state = train.init_state(objective, jax.random.PRNGKey(0), mesh)
-  frozen = data.replicate(objective.frozen, mesh)
-  key = data.replicate(np.asarray(jax.random.PRNGKey(1)), mesh)
-  step = train.make_train_step(objective, mesh)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, frozen, batch, key).compile()
-  compile_s = time.perf_counter() - t0
-  holder = {'state': state}
-
-  def run():
-    holder['state'], metrics = compiled(holder['state'], frozen, batch, key)
-    jax.block_until_ready((holder['state'], metrics))
-
-  n_trainable = sum(np.size(x) for x in jax.tree_util.tree_leaves(state['params']))
-  return run, {'compile_s': compile_s, 'trainable_params': int(n_trainable)}
+  """Compiles the real training step of ``objective`` (`train.TimedStep`); returns (run one
+  step, info)."""
+  step = train.TimedStep(objective, mesh)
+  compile_s = step.compile(batch)
+  return (lambda: step(batch)), {'compile_s': compile_s, 'trainable_params': step.trainable_params}
 
 
 def time_interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
@@ -92,8 +81,8 @@ def main(argv=None):
 
   runs, rows = {}, {}
   runs['gates'], rows['gates'] = prepare_objective(
-      train.gates_objective(config, backbone=host_params), mesh, batch)
-  runs['full'], rows['full'] = prepare_objective(train.pretrain_objective(config), mesh, batch)
+      objectives.gates_objective(config, backbone=host_params), mesh, batch)
+  runs['full'], rows['full'] = prepare_objective(objectives.pretrain_objective(config), mesh, batch)
   fwd = jax.jit(lambda p, x, t: model.apply({'params': p}, x, t))
   t = jnp.zeros((args.batch,), jnp.int32)
   t0 = time.perf_counter()

@@ -4,7 +4,7 @@
 # Single node, all local GPUs (data-parallel over a 'batch' mesh of every GPU):
 #   launch/gpu.sh --config=configs/cifar10.py --config.mode=pretrain --workdir=workdirs/pretrain
 #   CUDA_VISIBLE_DEVICES=0,1 launch/gpu.sh --config=configs/cifar10.py --config.mode=train_gates \
-#       --config.gates.backbone=workdirs/pretrain --workdir=workdirs/gates
+#       --config.backbone=workdirs/pretrain --workdir=workdirs/gates
 #
 # Multi-node under SLURM (one task per node; coordinator, process count and id come from SLURM):
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu.sh \

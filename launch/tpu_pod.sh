@@ -20,7 +20,7 @@
 #   launch/tpu_pod.sh run --config=configs/cifar10.py --config.mode=pretrain \
 #       --workdir=gs://MY_BUCKET/lees/pretrain --config.data.data_dir=gs://MY_BUCKET/tensorflow_datasets
 #   launch/tpu_pod.sh run --config=configs/cifar10.py --config.mode=train_gates \
-#       --config.gates.backbone=gs://MY_BUCKET/lees/pretrain --workdir=gs://MY_BUCKET/lees/gates
+#       --config.backbone=gs://MY_BUCKET/lees/pretrain --workdir=gs://MY_BUCKET/lees/gates
 # LEES_MULTIHOST=1 makes lees_jax.main call jax.distributed.initialize() (TPU pods are
 # auto-detected). A preempted or killed run resumes from its latest checkpoint when the
 # same command is run again.

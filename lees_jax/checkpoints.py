@@ -15,6 +15,7 @@ place only when complete, so a failing run never leaves a partial or overwritten
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -87,7 +89,7 @@ def save_backbone(directory: str, params, model_config, *, diffusion_config=None
 def find_backbone_dir(path: str) -> str:
   """``path`` itself if it is a backbone directory, else ``path/backbone``."""
   if not path:
-    raise BackboneError('no backbone given: set config.gates.backbone (or the mode\'s backbone field) '
+    raise BackboneError('no backbone given: set config.backbone '
                         'to a directory written by `python -m lees_jax.convert` or a pretrain workdir')
   for cand in (path, os.path.join(path, 'backbone')):
     if files.isfile(files.join(cand, META_FILE)):
@@ -144,3 +146,79 @@ def load_backbone(path: str):
   """
   model_config, params = load_backbone_params(path)
   return models.build_model(model_config), params
+
+
+# ---------------------------------------------------------------------------
+# Backbones of training jobs: read one (local or gs://) and export EMA parameters.
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet():
+  """Orbax logs every save at INFO level; keep the console to our progress lines."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(min(level, logging.WARNING))  # absl: larger is more verbose
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
+def _localize(path: str) -> str:
+  """Copies a remote (gs://) backbone directory to a local temporary directory."""
+  for cand in (path, f'{path.rstrip("/")}/backbone'):
+    if files.exists(files.join(cand, META_FILE)):
+      local = os.path.join(tempfile.mkdtemp(prefix='lees_backbone_'), 'backbone')
+      files.copy_tree(cand, local)
+      return local
+  raise BackboneError(
+      f'no backbone checkpoint at {path!r}: expected {META_FILE} and params/ in it or '
+      f'in {path.rstrip("/")}/backbone')
+
+
+def read_backbone(path: str, model_config) -> tuple[Any, str]:
+  """(params, backbone directory) of a local or gs:// backbone checked against config.model.
+
+  Fails (naming the path and what was expected) before anything touches the workdir.
+  """
+  source = _localize(path) if files.is_remote(path) else path
+  with quiet():
+    _, params = load_backbone_params(source, expected_model_config=model_config)
+  backbone_dir = find_backbone_dir(source)
+  if source != path:
+    shutil.rmtree(os.path.dirname(source), ignore_errors=True)
+    backbone_dir = path
+  return params, backbone_dir
+
+
+def export_backbone(workdir: str, mode: str, step: int, params, config, checkpoint_dir: str,
+                    **metadata) -> str | None:
+  """Writes ``params`` (EMA parameters) as the backbone directory ``<workdir>/backbone``.
+
+  Atomic (`save_backbone`); a gs:// workdir is written locally, then copied up. Returns the
+  path, or None in a multi-process run (see below; ``checkpoint_dir`` is where the run's
+  checkpoints are, named in the message).
+  """
+  if jax.process_count() > 1:
+    # save_backbone's orbax checkpointer synchronises all processes, so it cannot run on
+    # process 0 alone; the EMA parameters are safe in the last checkpoint.
+    if jax.process_index() == 0:
+      print(f'multi-process run: the EMA parameters are in the step-{step} '
+            f'checkpoint under {checkpoint_dir}. Export them to '
+            f'{files.join(workdir, "backbone")} by running the same {mode} command once in a single '
+            'process (it restores the final checkpoint, trains no further and exports).',
+            flush=True)
+    return None
+  target = files.join(workdir, 'backbone')
+  local = tempfile.mkdtemp(prefix='lees_backbone_') if files.is_remote(workdir) else None
+  with quiet():
+    path = save_backbone(
+        os.path.join(local, 'backbone') if local else target, params, config.model,
+        diffusion_config=config.diffusion, overwrite=True, step=step, seed=int(config.seed),
+        params_kind='ema', **metadata)
+  if local:  # gs://...: written locally (atomically), then copied up
+    files.copy_tree(path, target, replace=True)
+    shutil.rmtree(local, ignore_errors=True)
+    path = target
+  print(f'exported EMA parameters (step {step}) to {path}', flush=True)
+  return path

@@ -81,6 +81,17 @@ def pytest_sessionfinish(session, exitstatus):
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# --- configs ----------------------------------------------------------------------------------
+
+
+def tiny_config(**overrides):
+  """The ``tiny`` preset with dotted overrides, as the command line gives them:
+  ``tiny_config(**{'mode': 'train_gates', 'gates.lam': 0.1})``."""
+  config = cifar10.get_config('tiny')
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
 # --- models and backbones --------------------------------------------------------------------
 
 

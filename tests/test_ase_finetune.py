@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10
+from conftest import tiny_config as _tiny
 from lees_jax import checkpoints
 from lees_jax import data
 from lees_jax import evaluate
@@ -23,6 +24,7 @@ from lees_jax import gates as gating
 from lees_jax import policies
 from lees_jax import main as main_lib
 from lees_jax import models
+from lees_jax import objectives
 from lees_jax import train
 
 STEPS, CKPT = 6, 3
@@ -32,17 +34,6 @@ STEPS, CKPT = 6, 3
 NEVER = ('mid_attn', 'up_1_attn_1', 'up_0_res_1')
 HALF = 'up_1_res_1'  # executed only in the 5 intervals near the data
 FROZEN = {'ase_ft.freeze_time_embedding': True}
-
-
-def _tiny(**overrides):
-  config = cifar10.get_config('tiny')
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def _names():
@@ -88,7 +79,7 @@ def schedule_file(tmp_path_factory):
 
 
 def _config(backbone_path, schedule, **overrides):
-  base = {'mode': 'ase_finetune', 'ase_ft.backbone': backbone_path, 'ase_ft.schedule': schedule,
+  base = {'mode': 'ase_finetune', 'backbone': backbone_path, 'ase_ft.schedule': schedule,
           'ase_ft.num_train_steps': STEPS, 'ase_ft.checkpoint_every': CKPT,
           'ase_ft.log_every': CKPT, 'ase_ft.reweight_steps': 2}
   base.update(overrides)
@@ -117,7 +108,7 @@ def test_mode_exports_backbone_and_schedule(run, backbone, schedule_file):
   assert int(state['step']) == STEPS
   assert set(state) == {'step', 'params', 'opt_state', 'ema_params'}
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints', 'ase_finetune'))) == ['3', '6']
-  summary = json.load(open(os.path.join(workdir, train.ASE_SCHEDULE_FILE)))
+  summary = json.load(open(os.path.join(workdir, objectives.ASE_SCHEDULE_FILE)))
   assert summary['kind'] == 'schedule' and summary['name'] == 'custom'
   assert summary['matrix'] == schedule_file[1].astype(int).tolist()
   assert summary['units'] == _names() and summary['step'] == STEPS
@@ -129,7 +120,7 @@ def test_mode_exports_backbone_and_schedule(run, backbone, schedule_file):
   assert meta['ase_schedule'] == {'name': 'custom', 'matrix': summary['matrix']}
 
   # load_ase_finetuned: the exported EMA params and the schedule.
-  params, policy = train.load_ase_finetuned(workdir, expected_model_config=_tiny().model)
+  params, policy = objectives.load_ase_finetuned(workdir, expected_model_config=_tiny().model)
   assert isinstance(policy, policies.SchedulePolicy) and policy.name == 'custom'
   np.testing.assert_array_equal(policy.matrix, schedule_file[1])
   _, exported = checkpoints.load_backbone_params(workdir)
@@ -144,7 +135,7 @@ def test_mode_exports_backbone_and_schedule(run, backbone, schedule_file):
   with pytest.raises(FileNotFoundError, match='ase_finetune'):
     evaluate.resolve_policy(f'ase_ft:{backbone[0]}_missing', model)
   with pytest.raises(ValueError, match='no ASE schedule'):
-    train.load_ase_finetuned(backbone[0])  # a plain backbone
+    objectives.load_ase_finetuned(backbone[0])  # a plain backbone
   with pytest.raises(checkpoints.BackboneError, match='does not match'):
     evaluate.resolve_policy(f'ase_ft:{workdir}', models.build_model(_tiny(**{'model.ch': 64}).model))
 
@@ -195,7 +186,7 @@ def test_resume_from_mid_run_checkpoint_is_bitwise_identical(run, tmp_path, back
   shutil.copytree(run[0], workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', 'ase_finetune', str(STEPS)))
   shutil.rmtree(os.path.join(workdir, 'backbone'))
-  os.remove(os.path.join(workdir, train.ASE_SCHEDULE_FILE))
+  os.remove(os.path.join(workdir, objectives.ASE_SCHEDULE_FILE))
   state = jax.device_get(train.ase_finetune(_config(backbone[0], schedule_file[0], **FROZEN),
                                             workdir))
   assert f'resuming from checkpoint step {CKPT}' in capsys.readouterr().out
@@ -212,21 +203,21 @@ def test_resume_from_mid_run_checkpoint_is_bitwise_identical(run, tmp_path, back
 def test_lambda_matches_hand_formula():
   t = np.array([0, 99, 499, 999])
   t_n = (t + 1) / 1000.0
-  np.testing.assert_allclose(train.ase_time_weight(t, 1000, 0, 'paper', 2.0, 5),
+  np.testing.assert_allclose(objectives.ase_time_weight(t, 1000, 0, 'paper', 2.0, 5),
                              1.0 + 2.0 * t_n, rtol=1e-6)
-  np.testing.assert_allclose(train.ase_time_weight(t, 1000, 4, 'paper', 0.5, 5),
+  np.testing.assert_allclose(objectives.ase_time_weight(t, 1000, 4, 'paper', 0.5, 5),
                              [1.0005, 1.05, 1.25, 1.5], rtol=1e-6)
-  np.testing.assert_array_equal(train.ase_time_weight(t, 1000, 5, 'paper', 2.0, 5), 1.0)
-  np.testing.assert_array_equal(train.ase_time_weight(t, 1000, 0, 'none', 2.0, 5), 1.0)
+  np.testing.assert_array_equal(objectives.ase_time_weight(t, 1000, 5, 'paper', 2.0, 5), 1.0)
+  np.testing.assert_array_equal(objectives.ase_time_weight(t, 1000, 0, 'none', 2.0, 5), 1.0)
   with pytest.raises(ValueError, match='reweight'):
-    train.ase_time_weight(t, 1000, 0, 'cosine')
+    objectives.ase_time_weight(t, 1000, 0, 'cosine')
 
 
 def test_loss_is_sampler_forward_per_example_and_dropped_units_get_zero_gradient(
     backbone, schedule_file):
   config = _config(backbone[0], schedule_file[0], **{'ase_ft.reweight_coef': 3.0,
                                                      'ase_ft.reweight_steps': 100})
-  objective = train.ase_objective(config)
+  objective = objectives.ase_objective(config)
   model = models.build_model(config.model)
   x0 = next(data.train_iterator(config.data, global_batch_size=4, seed=1))['image']
   rng = jax.random.PRNGKey(7)
@@ -236,7 +227,7 @@ def test_loss_is_sampler_forward_per_example_and_dropped_units_get_zero_gradient
   (loss, metrics), grads = value_and_grad(objective.initial_trainable)
   # Oracle: one example at a time through the sampler's forward (a StaticMask of the
   # schedule's column at the example's interval), numpy q_sample, lambda = 1 + 3 t_n.
-  t, noise = train.draw_t_noise(rng, x0, 1000)
+  t, noise = objectives.draw_t_noise(rng, x0, 1000)
   t, noise = np.asarray(t), np.asarray(noise)
   abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[t]
   x_t = (np.sqrt(abar)[:, None, None, None] * x0 +
@@ -268,11 +259,11 @@ def test_schedule_specs_resolve():
   units = models.build_model(_tiny().model).units
   config = _tiny()
   from lees_jax import ase
-  np.testing.assert_array_equal(train.resolve_ase_schedule('ase_default', units, config).matrix,
+  np.testing.assert_array_equal(ase.resolve_schedule('ase_default', units, config).matrix,
                                 ase.named_schedule('ase_default', units).matrix)
   point = ase.GridPoint(2, 4 / 7)
   assert point.name == 'ase_s2_f0.57'
-  got = train.resolve_ase_schedule('ase_s2_f0.57', units, config)
+  got = ase.resolve_schedule('ase_s2_f0.57', units, config)
   np.testing.assert_array_equal(got.matrix, ase.grid_policy(point, units).matrix)
   assert got.name == 'ase_s2_f0.57'
 
@@ -286,10 +277,10 @@ def test_bad_schedule_fails_clearly_before_touching_the_workdir(backbone, tmp_pa
   assert 'ase_default' in msg and 'D7' in msg and 'ase_s2_f0.57' in msg
   assert not os.path.exists(workdir)
   with pytest.raises(FileNotFoundError, match='missing.json'):
-    train.ase_objective(_config(backbone[0], str(tmp_path / 'missing.json')))
+    objectives.ase_objective(_config(backbone[0], str(tmp_path / 'missing.json')))
   bad = tmp_path / 'short.json'
   bad.write_text(json.dumps({'matrix': [[1] * 10] * 3}))
   with pytest.raises(ValueError, match='3 rows but the model has 12'):
-    train.ase_objective(_config(backbone[0], str(bad)))
+    objectives.ase_objective(_config(backbone[0], str(bad)))
   with pytest.raises(ValueError, match='reweight'):
-    train.ase_objective(_config(backbone[0], 'D3', **{'ase_ft.reweight': 'yes'}))
+    objectives.ase_objective(_config(backbone[0], 'D3', **{'ase_ft.reweight': 'yes'}))

@@ -119,8 +119,8 @@ def test_gate_runs_report_on_the_samplers_own_timesteps(name, want):
   """gates.json's hard masks and ratios are computed on the grid the sampler runs (DDIM's grid
   differs from the respaced DDPM one: 0, 20, 40, ... against 0, 20, 41, ...)."""
   from configs import cifar10
-  from lees_jax import train
+  from lees_jax import objectives
   config = cifar10.get_config('paper')
   config.sampler.name = name
-  got = train.sampler_timesteps(config)
+  got = objectives.sampler_timesteps(config)
   assert len(got) == 50 and got[:len(want)] == want and got[-1] == (980 if name == 'ddim' else 999)

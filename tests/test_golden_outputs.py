@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import cifar10
+from conftest import tiny_config
 from lees_jax import evaluate, load_backbone, main, samplers
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden', 'tiny_outputs.npz')
@@ -35,23 +35,14 @@ def _digest(tree) -> np.ndarray:
   return np.frombuffer(h.digest(), np.uint8)
 
 
-def _tiny(mode, **fields):
-  config = cifar10.get_config('tiny')
-  config.mode = mode
-  for dotted, value in fields.items():
-    section, name = dotted.split('.')
-    config[section][name] = value
-  return config
-
-
 @pytest.fixture(scope='module')
 def outputs(tmp_path_factory, compile_cache):
   del compile_cache
   root = tmp_path_factory.mktemp('golden')
   pre, gates_dir, ase_dir = (str(root / n) for n in ('pretrain', 'gates', 'ase_ft'))
-  main.run_mode(_tiny('pretrain'), pre)
-  main.run_mode(_tiny('train_gates', **{'gates.backbone': pre}), gates_dir)
-  main.run_mode(_tiny('ase_finetune', **{'ase_ft.backbone': pre}), ase_dir)
+  main.run_mode(tiny_config(mode='pretrain'), pre)
+  main.run_mode(tiny_config(mode='train_gates', backbone=pre), gates_dir)
+  main.run_mode(tiny_config(mode='ase_finetune', backbone=pre), ase_dir)
   out = {}
   model, params = load_backbone(os.path.join(pre, 'backbone'))
   out['pretrain_params_sha256'] = _digest(params)
@@ -59,7 +50,7 @@ def outputs(tmp_path_factory, compile_cache):
   out['ase_finetune_params_sha256'] = _digest(ase_params)
   lees = evaluate.resolve_policy(f'lees:{gates_dir}', model).policy
   out['gates_alpha'], out['gates_beta'] = np.asarray(lees.alpha), np.asarray(lees.beta)
-  config = _tiny('evaluate')
+  config = tiny_config(mode='evaluate')
   solver = samplers.solver_from_config(config.diffusion, config.sampler)
   for spec, path in POLICIES:
     policy = evaluate.resolve_policy(spec.format(gates=gates_dir), model).policy

@@ -59,8 +59,9 @@ for mode in ('pretrain', 'ase_finetune'):
       c.model.dropout = 0.1
       c.pretrain.update(num_train_steps=3, checkpoint_every=100, log_every=100)
     else:
-      c.ase_ft.update(backbone=backbone, schedule='D3', num_train_steps=3, checkpoint_every=100,
-                      log_every=100, reweight_steps=2)
+      c.backbone = backbone
+      c.ase_ft.update(schedule='D3', num_train_steps=3, checkpoint_every=100, log_every=100,
+                      reweight_steps=2)
     state = train.run_objective(mode, c, f'{out_dir}/{mode}_{n}',
                                 mesh=data.make_mesh(jax.devices()[:n]))
     flat(state['params'], f'{mode}_{n}/params')

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10
+from conftest import tiny_config as _tiny
 from conftest import scale_residual_branches
 from lees_jax import checkpoints
 from lees_jax import data
 from lees_jax import policies
 from lees_jax import main as main_lib
+from lees_jax import objectives
 from lees_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,19 +40,8 @@ def _env(cache_dir, **extra):
   return env
 
 
-def _tiny(**overrides):
-  config = cifar10.get_config('tiny')
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
 def _gate_config(backbone, **overrides):
-  base = {'mode': 'train_gates', 'gates.backbone': backbone,
+  base = {'mode': 'train_gates', 'backbone': backbone,
           'gates.num_train_steps': GATE_STEPS, 'gates.checkpoint_every': GATE_CKPT,
           'gates.log_every': 5, 'gates.heatmap_every': 15}
   base.update(overrides)
@@ -60,7 +50,7 @@ def _gate_config(backbone, **overrides):
 
 def _gate_flags(backbone, workdir):
   return [sys.executable, '-m', 'lees_jax.main', '--config=configs/cifar10.py:tiny',
-          f'--workdir={workdir}', '--config.mode=train_gates', f'--config.gates.backbone={backbone}',
+          f'--workdir={workdir}', '--config.mode=train_gates', f'--config.backbone={backbone}',
           f'--config.gates.num_train_steps={GATE_STEPS}',
           f'--config.gates.checkpoint_every={GATE_CKPT}', '--config.gates.log_every=5',
           '--config.gates.heatmap_every=15']
@@ -139,7 +129,7 @@ def test_ema_update_on_a_hand_case(pretrained):
   the new EMA is d e0 + (1 - d) p1 (d = 0.9999, p1 the step's new parameters), by hand."""
   config = _tiny(**{'mode': 'pretrain', 'pretrain.num_train_steps': 4,
                     'pretrain.checkpoint_every': 2, 'pretrain.log_every': 2})
-  objective = train.pretrain_objective(config)
+  objective = objectives.pretrain_objective(config)
   d = objective.ema_decay
   assert d == 0.9999 == config.pretrain.ema_decay
   mesh = data.make_mesh()
@@ -378,7 +368,8 @@ def gate_oracle(pretrained):
 
   value_and_grad = jax.jit(jax.value_and_grad(sample_mse))
 
-  def oracle(gp, x0, t, noise, lam):
+  def oracle(gp, x0, t, noise, lam, weights=None):
+    """``weights``: per-unit weights of the compute term (None: the paper's mean)."""
     t, noise = np.asarray(t), np.asarray(noise, np.float64)
     abar = abar_all[t][:, None, None, None]
     x_t = (np.sqrt(abar) * np.asarray(x0, np.float64) + np.sqrt(1 - abar) * noise).astype(np.float32)
@@ -392,10 +383,18 @@ def gate_oracle(pretrained):
       mse_b.append(float(v))
       dmse_dw.append(np.asarray(g, np.float64) / len(t))
     s = 1 / (1 + np.exp(-logits))
-    dlogit = (np.array(dmse_dw) + lam / s.size) * s * (1 - s)
+    if weights is None:  # reg = mean_bk s_bk
+      dreg = np.full(s.shape, 1.0 / s.size)
+      reg = float(s.mean())
+    else:  # reg = mean_b sum_k c_k s_bk / sum_k c_k
+      c = np.asarray(weights, np.float64) / np.sum(weights)
+      dreg = np.broadcast_to(c[None] / len(t), s.shape)
+      reg = float((s * c[None]).sum(1).mean())
+    dlogit = (np.array(dmse_dw) + lam * dreg) * s * (1 - s)
     grads = {'alpha': (dlogit * tau[:, None]).sum(0), 'beta': dlogit.sum(0)}
-    mse, reg = float(np.mean(mse_b)), float(s.mean())
-    return {'loss': mse + lam * reg, 'mse': mse, 'gate_mean': reg, 'grads': grads, 'logits': logits,
+    mse = float(np.mean(mse_b))
+    return {'loss': mse + lam * reg, 'mse': mse, 'reg': lam * reg, 'gate_mean': float(s.mean()),
+            'grads': grads, 'logits': logits,
             'grad_norm': float(np.sqrt(sum((g ** 2).sum() for g in grads.values())))}
 
   return oracle
@@ -421,13 +420,13 @@ def _assert_grads_close(got, want, what):
 
 def test_gate_loss_and_gradient_match_hand_written_oracle(pretrained, gate_oracle):
   config = _gate_config(pretrained[0])
-  objective = train.gates_objective(config)
+  objective = objectives.gates_objective(config)
   gp = _random_gates(len(objective.init_trainable(None)['alpha']))
   x0 = next(data.train_iterator(config.data, global_batch_size=4, seed=1))['image']
   rng = jax.random.PRNGKey(11)
   (loss, metrics), grads = jax.jit(jax.value_and_grad(objective.loss_fn, has_aux=True))(
       gp, objective.frozen, {'image': x0}, rng)
-  t, noise = train.draw_t_noise(rng, x0, 1000)
+  t, noise = objectives.draw_t_noise(rng, x0, 1000)
   o = gate_oracle(gp, x0, t, noise, lam=0.05)
   assert 0 < (o['logits'] > 0).sum() < o['logits'].size  # some units on, some off
   np.testing.assert_allclose(float(metrics['mse']), o['mse'], rtol=LOSS_RTOL)
@@ -435,6 +434,42 @@ def test_gate_loss_and_gradient_match_hand_written_oracle(pretrained, gate_oracl
   np.testing.assert_allclose(float(metrics['hard_gate_mean']), (o['logits'] > 0).mean(), rtol=1e-6)
   np.testing.assert_allclose(float(loss), o['loss'], rtol=LOSS_RTOL)
   _assert_grads_close(grads, o['grads'], 'jax.grad of the gate loss')
+
+
+def test_flop_weighted_compute_term_matches_the_oracle(pretrained, gate_oracle):
+  """gates.regularizer='flops': lam * sum_k c_k g_k / sum_k c_k, c_k the FLOPs skipping unit k
+  saves -- loss and gradient against the oracle with those weights."""
+  from lees_jax import cost, models
+  config = _gate_config(pretrained[0], **{'gates.regularizer': 'flops', 'gates.lam': 0.5})
+  objective = objectives.gates_objective(config)
+  savings = cost.model_cost(models.build_model(config.model)).savings()
+  assert (savings > 0).all() and savings.std() > 0  # the weights are not all alike
+  gp = _random_gates(len(savings), seed=3)
+  x0 = next(data.train_iterator(config.data, global_batch_size=4, seed=2))['image']
+  rng = jax.random.PRNGKey(5)
+  (loss, metrics), grads = jax.jit(jax.value_and_grad(objective.loss_fn, has_aux=True))(
+      gp, objective.frozen, {'image': x0}, rng)
+  t, noise = objectives.draw_t_noise(rng, x0, 1000)
+  o = gate_oracle(gp, x0, t, noise, lam=0.5, weights=savings)
+  np.testing.assert_allclose(float(metrics['reg']), o['reg'], rtol=1e-6)
+  np.testing.assert_allclose(float(loss), o['loss'], rtol=LOSS_RTOL)
+  _assert_grads_close(grads, o['grads'], 'jax.grad of the FLOP-weighted gate loss')
+  # The paper's term on the same gates differs: the weighting is real.
+  plain = gate_oracle(gp, x0, t, noise, lam=0.5)
+  assert abs(plain['reg'] - o['reg']) > 1e-3
+
+
+@pytest.mark.parametrize('start,executed', [('zero', False), ('on', True)])
+def test_gate_start(start, executed):
+  """gates.init: 'zero' (alpha = beta = 0, the paper) starts every unit off -- g = 0.5 is not
+  > 0.5 --, 'on' (beta = +0.01) every unit executed; both start at g ~ 0.5."""
+  p = policies.init_gate_params(5, start)
+  masks = policies.LeesPolicy.from_params(jax.device_get(p)).step_masks(np.arange(1000), 1000, 5)
+  assert (masks == executed).all()
+  g = policies.gate_values(jax.device_get(p), np.linspace(0.001, 1, 7))
+  np.testing.assert_allclose(g, 0.5 if start == 'zero' else 1 / (1 + np.exp(-0.01)), rtol=1e-6)
+  with pytest.raises(ValueError, match='config.gates.init'):
+    policies.init_gate_params(5, 'off')
 
 
 def _adam(moments, g, lr, b1, b2, eps=1e-8):
@@ -451,7 +486,7 @@ def test_two_train_steps_are_adam_on_the_oracle_gradient(pretrained, gate_oracle
   """Two jitted steps on one device: the step's gradient (Adam's moments hold it: m = (1-b1) g
   after step 1), grad_norm and loss match the oracle; the parameters follow Adam by hand."""
   config = _gate_config(pretrained[0])
-  objective = train.gates_objective(config)
+  objective = objectives.gates_objective(config)
   lr, b1, b2 = 1e-3, 0.9, 0.999  # README: Adam 1e-3, betas (0.9, 0.999)
   assert (config.gates.learning_rate, config.gates.b1, config.gates.b2) == (lr, b1, b2)
   mesh = data.make_mesh(jax.devices()[:1])
@@ -468,7 +503,7 @@ def test_two_train_steps_are_adam_on_the_oracle_gradient(pretrained, gate_oracle
   params = {n: np.asarray(v) for n, v in gp.items()}
   for i in range(2):
     state, metrics = step(state, frozen, data.shard_batch(batch, mesh), data.replicate(base_key, mesh))
-    t, noise = train.draw_t_noise(jax.random.fold_in(base_key, i), batch['image'], 1000)
+    t, noise = objectives.draw_t_noise(jax.random.fold_in(base_key, i), batch['image'], 1000)
     o = gate_oracle(params, batch['image'], t, noise, lam=config.gates.lam)
     update, moments = _adam(moments, o['grads'], lr, b1, b2)
     adam = state['opt_state'][0]
@@ -490,11 +525,11 @@ _DEVICES_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from configs import cifar10
-from lees_jax import data, train
+from lees_jax import data, objectives, train
 assert jax.device_count() == 4, jax.devices()
 config = cifar10.get_config('tiny')
-config.gates.backbone = sys.argv[1]
-objective = train.gates_objective(config)
+config.backbone = sys.argv[1]
+objective = objectives.gates_objective(config)
 gp = dict(np.load(sys.argv[2]))
 batch = next(data.train_iterator(config.data, global_batch_size=8, seed=0))
 out = {}
@@ -518,7 +553,7 @@ def test_one_vs_four_devices_same_gradient_and_update(pretrained, gate_oracle, c
   """One global batch of 8 on 1 and on 4 devices (2 rows each): the same gradient (read from
   Adam's first moment), grad_norm and loss -- and both the oracle's."""
   config = _gate_config(pretrained[0])
-  k = len(train.gates_objective(config).init_trainable(None)['alpha'])
+  k = len(objectives.gates_objective(config).init_trainable(None)['alpha'])
   gp = _random_gates(k, seed=4)
   np.savez(tmp_path / 'gates.npz', **gp)
   out = subprocess.run([sys.executable, '-c', _DEVICES_SCRIPT, pretrained[0], str(tmp_path / 'gates.npz')],
@@ -528,7 +563,7 @@ def test_one_vs_four_devices_same_gradient_and_update(pretrained, gate_oracle, c
   res = json.loads(out.stdout.split('RESULT', 1)[1])
   one, four = res['1'], res['4']
   batch = next(data.train_iterator(config.data, global_batch_size=8, seed=0))
-  t, noise = train.draw_t_noise(jax.random.fold_in(jax.random.PRNGKey(1), 0), batch['image'], 1000)
+  t, noise = objectives.draw_t_noise(jax.random.fold_in(jax.random.PRNGKey(1), 0), batch['image'], 1000)
   o = gate_oracle(gp, batch['image'], t, noise, lam=config.gates.lam)
   assert 0 < (o['logits'] > 0).sum() < o['logits'].size
   grad = {n: np.asarray(one['mu'][n]) / (1 - config.gates.b1) for n in ('alpha', 'beta')}
@@ -545,10 +580,10 @@ def test_one_vs_four_devices_same_gradient_and_update(pretrained, gate_oracle, c
 def test_partition_and_merge_split_a_parameter_tree(tiny_model):
   """The trainable-subset helpers a fine-tuning objective (e.g. ASE) plugs into the loop with."""
   _, params = tiny_model
-  trainable, frozen = train.partition(params, lambda path, leaf: path[0].startswith('up_'))
+  trainable, frozen = objectives.partition(params, lambda path, leaf: path[0].startswith('up_'))
   assert trainable and frozen
   assert all(k.startswith('up_') for k in trainable)
   assert not any(k.startswith('up_') for k in frozen)
-  merged = train.merge(trainable, frozen)
+  merged = objectives.merge(trainable, frozen)
   assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(dict(params))
   jax.tree_util.tree_map(np.testing.assert_array_equal, merged, dict(params))

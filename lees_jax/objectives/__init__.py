@@ -1,0 +1,24 @@
+"""Training objectives: what `lees_jax.train`'s one loop trains, with which loss and optimiser.
+
+* `pretrain` -- DDPM eps-prediction of the whole backbone (``config.mode=pretrain``);
+* `lees_gates` -- LEES: the 2K gate scalars on a frozen backbone (``train_gates``);
+* `ase_finetune` -- the ASE baseline: the backbone under a fixed drop schedule (``ase_finetune``).
+
+Each is a function ``config -> Objective`` (see `base.Objective`); `OBJECTIVES` maps the mode
+name to it. A new objective is one more such function and one entry here.
+"""
+
+from lees_jax.objectives.ase_finetune import (ASE_REWEIGHTS, ASE_SCHEDULE_FILE, ase_objective,
+                                              ase_time_weight, load_ase_finetuned)
+from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, draw_t_noise, merge, num_steps,
+                                      partition, sampler_timesteps)
+from lees_jax.objectives.lees_gates import GATES_FILE, gate_loss_fn, gates_objective
+from lees_jax.objectives.pretrain import pretrain_objective
+
+OBJECTIVES = {'pretrain': pretrain_objective, 'train_gates': gates_objective,
+              'ase_finetune': ase_objective}
+
+__all__ = ['ASE_REWEIGHTS', 'ASE_SCHEDULE_FILE', 'CHECKPOINT_DIR', 'GATES_FILE', 'OBJECTIVES',
+           'Objective', 'ase_objective', 'ase_time_weight', 'draw_t_noise', 'gate_loss_fn',
+           'gates_objective', 'load_ase_finetuned', 'merge', 'num_steps', 'partition',
+           'pretrain_objective', 'sampler_timesteps']

@@ -1,0 +1,195 @@
+"""ASE fine-tuning (Moon et al. 2024, §3.3 and Appendix A.2): the backbone trained under a
+fixed ASE schedule, AdamW + EMA + lambda(t).
+
+Exports ``<workdir>/backbone`` (EMA params, the schedule in its metadata) and
+``<workdir>/ase_schedule.json``; read back with `load_ase_finetuned`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lees_jax import ase
+from lees_jax import checkpoints
+from lees_jax import cost
+from lees_jax import diffusion
+from lees_jax import files
+from lees_jax import gates as gating
+from lees_jax import models
+from lees_jax import policies
+from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, draw_t_noise, merge,
+                                      num_steps, partition, sampler_timesteps)
+
+ASE_SCHEDULE_FILE = 'ase_schedule.json'
+ASE_REWEIGHTS = ('none', 'paper')
+
+
+def ase_time_weight(t, num_timesteps: int, step, reweight: str = 'paper', coef: float = 1.0,
+                    reweight_steps: int = 0):
+  """The ASE loss coefficient lambda(t) for integer timesteps ``t`` at optimiser step ``step``.
+
+  What the paper says (§3.3, Algorithm 1): fine-tuning should change little near t -> 0 and
+  learn what the dropped blocks leave unseen near t -> 1, so "we apply a higher coefficient to
+  the lambda(t) term"; "once the model's performance appears to have plateaued, we adjust the
+  lambda(t) value back to 1". Algorithm 1 takes a "time-dependent coefficient lambda(t)" and a
+  "re-weighting cycle C" but gives neither; the released code implements lambda(t) = 1 only.
+
+  What we implement (t_n = (t + 1) / T in (0, 1], the gates' normalised time):
+    reweight='none':  lambda(t) = 1                                   (the released code)
+    reweight='paper': lambda(t) = 1 + coef * t_n  while step < reweight_steps (the cycle C),
+                      then 1.
+  The linear ramp is our reading: it is 1 at the data end (no extra push where every unit runs)
+  and 1 + coef at the noise end, where the schedule drops the most units; it needs no knowledge
+  of the schedule, and coef = 0 or reweight_steps = 0 recovers lambda = 1.
+  """
+  t_n = policies.normalized_time(t, num_timesteps)
+  if reweight == 'none':
+    return jnp.ones_like(t_n)
+  if reweight == 'paper':
+    return jnp.where(jnp.asarray(step) < reweight_steps, 1.0 + coef * t_n, jnp.ones_like(t_n))
+  raise ValueError(f'config.ase_ft.reweight must be one of {ASE_REWEIGHTS}, got {reweight!r}')
+
+
+def _is_time_embedding(path: tuple[str, ...]) -> bool:
+  return path[0].startswith('temb_dense')
+
+
+def ase_objective(config, backbone: Pytree | None = None) -> Objective:
+  """ASE fine-tuning: the backbone (its EMA params) trained under a fixed ASE schedule.
+
+  Every example runs the network as the sampler would at its timestep: the schedule's keep
+  column for the example's interval becomes the fixed per-example mask `gates.ExampleMask`, so a dropped unit contributes exactly its skip path (identity, or the 1x1
+  shortcut of a ResBlock that changes channels -- that projection runs and is trained) and gets
+  exactly zero gradient from that example. Loss: mean_i lambda(t_i) ||eps - eps_theta||^2 with
+  `ase_time_weight` (the DDPM UNet predicts eps only, so the paper's hybrid loss reduces to
+  this). AdamW, constant (or cosine) learning rate, dropout as in pretraining
+  (config.model.dropout), EMA from the loaded parameters. With
+  ``config.ase_ft.freeze_time_embedding`` the temb_dense_* layers are frozen (not in the
+  trainable partition, never updated). ``backbone`` params replace config.backbone
+  (tests, benchmarks).
+  """
+  ac = config.ase_ft
+  if ac.reweight not in ASE_REWEIGHTS:
+    raise ValueError(f'config.ase_ft.reweight must be one of {ASE_REWEIGHTS}, got {ac.reweight!r}')
+  if ac.lr_schedule not in ('constant', 'cosine'):
+    raise ValueError(f"config.ase_ft.lr_schedule must be 'constant' or 'cosine', got {ac.lr_schedule!r}")
+  model = models.build_model(config.model)
+  units = model.units
+  unit_names = [u.name for u in units]
+  K = len(units)
+  policy = ase.resolve_schedule(ac.schedule, units, config)  # before the backbone is read
+  if backbone is None:
+    params, backbone_dir = checkpoints.read_backbone(config.backbone, config.model)
+  else:
+    params, backbone_dir = backbone, '<given parameters>'
+  params = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(params))
+  freeze = bool(ac.freeze_time_embedding)
+  trainable, frozen = partition(params, lambda path, leaf: not (freeze and _is_time_embedding(path)))
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  T = schedule.num_steps
+  keep_table = policy.step_masks(np.arange(T), T, K)  # (T, K): unit k runs at timestep t
+  n_steps = num_steps(ac, config.data)
+  lr = (optax.cosine_decay_schedule(ac.learning_rate, n_steps) if ac.lr_schedule == 'cosine'
+        else optax.constant_schedule(ac.learning_rate))
+  parts = [optax.clip_by_global_norm(ac.grad_clip)] if ac.grad_clip > 0 else []
+  optimizer = optax.chain(*parts, optax.adamw(lr, b1=ac.b1, b2=ac.b2,
+                                              weight_decay=ac.weight_decay))
+  reweight, coef, rw_steps = ac.reweight, float(ac.reweight_coef), int(ac.reweight_steps)
+
+  def loss_fn(trainable, frozen, batch, rng, step):
+    x0 = batch['image']
+    t, noise = draw_t_noise(rng, x0, T)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    keep = jnp.asarray(keep_table)[t]  # (B, K)
+    eps = model.apply({'params': merge(trainable, frozen)}, x_t, t,
+                      gates=gating.ExampleMask(keep), train=True,
+                      rngs={'dropout': jax.random.fold_in(rng, 2)})
+    per_example = diffusion.eps_mse(eps, noise)
+    lam = ase_time_weight(t, T, step, reweight, coef, rw_steps)
+    loss = jnp.mean(lam * per_example)
+    return loss, {'mse': per_example.mean(), 'lambda_mean': lam.mean(),
+                  'kept_fraction': keep.astype(jnp.float32).mean()}
+
+  timesteps = sampler_timesteps(config)
+  masks = policy.step_masks(timesteps, T, K)
+  ratio = policies.executed_block_ratio(masks)
+  flops = cost.model_cost(model).flop_fraction(masks)
+
+  def host_scalars(state):
+    return {'learning_rate': float(lr(int(state['step']))), 'executed_ratio': ratio,
+            'flop_fraction': flops}
+
+  def finish(state, workdir):
+    ema = jax.device_get(state['ema_params'])
+    schedule_meta = {'name': policy.name, 'matrix': policy.matrix.astype(int).tolist()}
+    path = checkpoints.export_backbone(
+        workdir, 'ase_finetune', int(state['step']), merge(ema, frozen), config,
+        files.join(workdir, CHECKPOINT_DIR, 'ase_finetune'), source='lees_jax ase_finetune', ema_decay=float(ac.ema_decay),
+        base_backbone=backbone_dir, ase_schedule=schedule_meta)
+    if jax.process_index() != 0:
+      return
+    summary = {
+        'format': 'lees_jax.ase_schedule', 'version': 1, **policy.to_dict(),
+        'spec': str(ac.schedule), 'units': unit_names, 'num_timesteps': T,
+        'executed_block_ratio': ratio, 'flop_fraction': flops,
+        'sampler': {'name': config.sampler.name, 'steps': len(timesteps),
+                    'timesteps': [int(t) for t in timesteps]},
+        'backbone': path, 'base_backbone': backbone_dir, 'step': int(state['step']),
+        'seed': int(config.seed), 'config': config.to_dict(),
+    }
+    files.write_json(files.join(workdir, ASE_SCHEDULE_FILE), summary)
+    print(f'ase_finetune: schedule {policy.name} executes {ratio:.3f} of the blocks '
+          f'({flops:.3f} of the FLOPs) on the {len(timesteps)}-step sampler; wrote '
+          f'{files.join(workdir, ASE_SCHEDULE_FILE)}', flush=True)
+
+  n_train = models.count_params(trainable)
+  return Objective(
+      name='ase_finetune', section=ac, num_train_steps=n_steps,
+      init_trainable=lambda rng: trainable, initial_trainable=trainable, frozen=frozen,
+      loss_fn=loss_fn, loss_takes_step=True, optimizer=optimizer,
+      ema_decay=float(ac.ema_decay), random_flip=bool(config.data.random_flip),
+      host_scalars=host_scalars, finish=finish,
+      describe=f'ASE fine-tuning under schedule {policy.name} (executed blocks {ratio:.3f}): '
+               f'{n_train:,} trainable parameters'
+               + (' (time embedding frozen)' if freeze else '')
+               + f', AdamW lr {ac.learning_rate} ({ac.lr_schedule}), wd {ac.weight_decay}, '
+               f'EMA {ac.ema_decay}, lambda(t) {reweight}'
+               + (f' (1 + {coef} t for {rw_steps} steps)' if reweight == 'paper' else '')
+               + f', backbone {backbone_dir}')
+
+
+def load_ase_finetuned(workdir: str, expected_model_config=None
+                       ) -> tuple[Pytree, policies.SchedulePolicy]:
+  """(EMA params, schedule) of a finished ``ase_finetune`` run.
+
+  ``workdir`` is the run's workdir or its ``backbone`` directory; the schedule is read from
+  the backbone's metadata (``ase_schedule``), so the pair always travels together.
+  ``expected_model_config`` (a config.model or a `models.UNetSpec`) is checked, dropout aside.
+  """
+  try:
+    meta = checkpoints.read_backbone_meta(workdir)
+  except checkpoints.BackboneError as e:
+    raise FileNotFoundError(f'no ASE fine-tuned backbone at {workdir!r}: expected the backbone/ '
+                            'that a finished `--config.mode=ase_finetune` run writes into its '
+                            f'workdir ({e})') from e
+  if 'ase_schedule' not in meta:
+    raise ValueError(f'the backbone at {checkpoints.find_backbone_dir(workdir)} has no ASE schedule '
+                     '(ase_schedule in backbone.json): it was not written by ase_finetune')
+  want = expected_model_config
+  with checkpoints.quiet():
+    model_config, params = checkpoints.load_backbone_params(
+        workdir, None if isinstance(want, models.UNetSpec) or want is None else want)
+  if isinstance(want, models.UNetSpec):
+    have = models.UNetSpec.from_config(model_config)
+    if dataclasses.replace(have, dropout=0.0) != dataclasses.replace(want, dropout=0.0):
+      raise checkpoints.BackboneError(
+          f'the ASE fine-tuned backbone at {workdir} ({have}) does not match the model ({want})')
+  sched = meta['ase_schedule']
+  return params, policies.SchedulePolicy(np.asarray(sched['matrix'], bool), name=sched['name'])
+

@@ -1,0 +1,103 @@
+"""What every training objective shares: the `Objective` record the training loop runs,
+trainable/frozen partitions, the per-step draw of (t, eps), and step counts.
+
+An `Objective` says what is trained and how (`lees_jax.train` owns the loop):
+
+* ``init_trainable(rng)`` -- the trainable pytree: the ONLY thing that is differentiated,
+  updated by the optimiser and kept in the optimiser state;
+* ``frozen`` -- everything else the loss reads (e.g. the backbone); passed through
+  ``jax.lax.stop_gradient`` and never updated or checkpointed by the loop;
+* ``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)``;
+* host-side hooks for extra scalars, images and the final export.
+
+An objective that trains part of a parameter tree splits it with `partition` / `merge`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lees_jax import data
+
+Pytree = Any
+CHECKPOINT_DIR = 'checkpoints'  # <workdir>/checkpoints/<objective name>/<step>
+
+
+@dataclasses.dataclass
+class Objective:
+  """What is trained, with which loss and optimiser (see the module docstring)."""
+  name: str
+  section: ml_collections.ConfigDict  # batch_size, log_every, checkpoint_every, keep_checkpoints
+  num_train_steps: int
+  init_trainable: Callable[[jax.Array], Pytree]
+  frozen: Pytree
+  loss_fn: Callable[[Pytree, Pytree, dict, jax.Array], tuple[jax.Array, dict]]
+  optimizer: optax.GradientTransformation
+  ema_decay: float | None = None
+  random_flip: bool = False
+  # Host-side hooks (called on every process; only process 0 writes).
+  host_scalars: Callable[[dict], dict[str, float]] = lambda state: {}
+  images: Callable[[dict], dict[str, np.ndarray]] = lambda state: {}
+  image_every: int = 0
+  finish: Callable[[dict, str], None] = lambda state, workdir: None
+  describe: str = ''
+  # Given trainable values (e.g. a loaded backbone): passed to the jitted init as arguments
+  # rather than closed over (a closed-over array becomes an HLO constant); init_trainable is
+  # then not called.
+  initial_trainable: Pytree | None = None
+  # loss_fn(trainable, frozen, batch, rng, step=<traced int32 step>) for step-dependent losses.
+  loss_takes_step: bool = False
+
+
+def partition(params: Pytree, is_trainable: Callable[[tuple[str, ...], Any], bool]
+              ) -> tuple[dict, dict]:
+  """Splits a nested dict into (trainable, frozen) by a predicate on (path, leaf)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  trainable = {k: v for k, v in flat.items() if is_trainable(k, v)}
+  frozen = {k: v for k, v in flat.items() if k not in trainable}
+  return (flax.traverse_util.unflatten_dict(trainable) if trainable else {},
+          flax.traverse_util.unflatten_dict(frozen) if frozen else {})
+
+
+def merge(trainable: Pytree, frozen: Pytree) -> dict:
+  """Inverse of `partition`."""
+  flat = dict(flax.traverse_util.flatten_dict(flax.core.unfreeze(frozen)))
+  flat.update(flax.traverse_util.flatten_dict(flax.core.unfreeze(trainable)))
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def draw_t_noise(rng: jax.Array, x0: jax.Array, num_timesteps: int):
+  """The per-example diffusion timestep t ~ U{0..T-1} and noise eps ~ N(0, I) of a step."""
+  k_t, k_n = jax.random.split(rng)
+  t = jax.random.randint(k_t, (x0.shape[0],), 0, num_timesteps)
+  noise = jax.random.normal(k_n, x0.shape, jnp.float32)
+  return t, noise
+
+
+def num_steps(section, data_config) -> int:
+  """``section.num_train_steps`` when > 0, else ``num_epochs`` passes over the training split."""
+  if section.get('num_train_steps', -1) > 0:
+    return int(section.num_train_steps)
+  epochs = section.get('num_epochs', -1.0)
+  if epochs <= 0:
+    raise ValueError('set num_train_steps > 0 or num_epochs > 0')
+  n = data.num_examples(data_config)
+  return max(1, int(math.floor(epochs * n / section.batch_size)))
+
+
+def sampler_timesteps(config) -> list[int]:
+  """Original timesteps of the configured sampler, ascending: the solver's own grid (50-step
+  respaced DDPM in the paper, ``ddim<steps>`` spacing for DDIM), so that the hard masks, ratios
+  and FLOP fractions a gate run reports are those the sampler will run."""
+  from lees_jax import samplers  # pylint: disable=g-import-not-at-top
+  solver = samplers.solver_from_config(config.diffusion, config.sampler)
+  return sorted(int(t) for t in solver.timesteps)

@@ -1,0 +1,154 @@
+"""LEES gate training (the paper's method): only the 2K gate scalars (alpha_k, beta_k) are
+trained, with Adam, on the eps-MSE of the gated frozen backbone plus lam * E_t[mean_k g_k(t)].
+
+Hard gates run unit k when g_k(t) > 0.5 with a straight-through gradient
+(`gates.StraightThrough`); soft gates blend (`gates.SoftGates`). The run ends by writing
+``<workdir>/gates.json``: the parameters, the hard masks on the configured sampler's own
+timesteps, the executed-block ratio and FLOP fraction (read back by `policies.load_gates`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lees_jax import checkpoints
+from lees_jax import cost
+from lees_jax import diffusion
+from lees_jax import files
+from lees_jax import gates as gating
+from lees_jax import models
+from lees_jax import policies
+from lees_jax.objectives.base import Objective, Pytree, draw_t_noise, num_steps, sampler_timesteps
+
+GATES_FILE = policies.GATES_FILE
+
+
+REGULARIZERS = ('mean', 'flops')
+
+
+def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool,
+                 regularizer: str = 'mean'):
+  """LEES loss: eps-MSE with gated units + lam * the compute term, averaged over the batch.
+
+  The compute term (``config.gates.regularizer``):
+    'mean'  -- mean_k g_k(t), the paper's E_t[g]: every unit costs the same, so LEES can lower
+               its block ratio by dropping cheap low-resolution units;
+    'flops' -- sum_k c_k g_k(t) / sum_k c_k with c_k the FLOPs skipping unit k saves
+               (`cost.ModelCost.savings`): the term is the expected share of skippable FLOPs run.
+  """
+  if regularizer not in REGULARIZERS:
+    raise ValueError(f'config.gates.regularizer must be one of {REGULARIZERS}, got {regularizer!r}')
+  T = schedule.num_original_timesteps
+  savings = cost.model_cost(model).savings()
+  flop_weights = jnp.asarray(savings / savings.sum(), jnp.float32)
+
+  def loss_fn(gate_params, backbone, batch, rng):
+    x0 = batch['image']
+    t, noise = draw_t_noise(rng, x0, schedule.num_steps)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    logits = policies.gate_logits(gate_params, policies.normalized_time(t, T))  # (B, K)
+    form = gating.StraightThrough(logits) if hard else gating.SoftGates(logits)
+    eps = model.apply({'params': backbone}, x_t, t, gates=form, train=False)
+    mse = diffusion.eps_mse(eps, noise).mean()
+    gate_mean = jax.nn.sigmoid(logits).mean()
+    if regularizer == 'mean':
+      term = gate_mean
+    else:
+      term = (jax.nn.sigmoid(logits) @ flop_weights).mean()
+    loss = mse + lam * term
+    return loss, {'mse': mse, 'gate_mean': gate_mean, 'reg': lam * term,
+                  'hard_gate_mean': (logits > 0).astype(jnp.float32).mean()}
+
+  return loss_fn
+
+
+def gates_objective(config, backbone: Pytree | None = None) -> Objective:
+  """LEES: alpha, beta per unit on a frozen backbone (its EMA params); Adam on the gates only.
+
+  The backbone is read from ``config.backbone`` unless ``backbone`` params are given
+  (benchmarks, tests).
+  """
+  gc = config.gates
+  if gc.form not in ('hard', 'soft'):
+    raise ValueError(f"config.gates.form must be 'hard' or 'soft', got {gc.form!r}")
+  if gc.init not in policies.GATE_STARTS:
+    raise ValueError(f'config.gates.init must be one of {policies.GATE_STARTS}, got {gc.init!r}')
+  if gc.regularizer not in REGULARIZERS:
+    raise ValueError(f'config.gates.regularizer must be one of {REGULARIZERS}, got '
+                     f'{gc.regularizer!r}')
+  if backbone is None:
+    backbone, backbone_dir = checkpoints.read_backbone(config.backbone, config.model)
+  else:
+    backbone_dir = '<given parameters>'
+  model = models.build_model(config.model)
+  unit_names = [u.name for u in model.units]
+  K = len(unit_names)
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  T = schedule.num_steps
+  timesteps = sampler_timesteps(config)
+  model_cost = cost.model_cost(model)
+  optimizer = optax.adam(gc.learning_rate, b1=gc.b1, b2=gc.b2)
+
+  def hard_stats(params):
+    policy = policies.LeesPolicy.from_params(jax.device_get(params), form='hard')
+    masks = policy.step_masks(timesteps, T, K)
+    return policy, masks, policies.executed_block_ratio(masks), model_cost.flop_fraction(masks)
+
+  def host_scalars(state):
+    params = jax.device_get(state['params'])
+    _, _, ratio, flops = hard_stats(params)
+    out = {'executed_ratio': ratio, 'flop_fraction': flops}
+    for k, name in enumerate(unit_names):
+      out[f'alpha/{k:02d}_{name}'] = float(params['alpha'][k])
+      out[f'beta/{k:02d}_{name}'] = float(params['beta'][k])
+    return out
+
+  def images(state):
+    if jax.process_index() != 0:
+      return {}
+    from lees_jax import report  # pylint: disable=g-import-not-at-top
+    params = jax.device_get(state['params'])
+    img = report.gate_heatmap(policies.LeesPolicy.from_params(params, form=gc.form), unit_names,
+                              num_timesteps=T, timesteps=timesteps,
+                              title=f'LEES gates, step {int(state["step"])} '
+                                    f'(lam={gc.lam}, {gc.form}; dots: executed at sampler steps)')
+    return {'gates/heatmap': img}
+
+  def finish(state, workdir):
+    if jax.process_index() != 0:
+      return
+    params = jax.device_get(state['params'])
+    policy, masks, ratio, flops = hard_stats(params)
+    summary = {
+        'format': 'lees_jax.gates', 'version': 1,
+        'alpha': [float(a) for a in np.asarray(params['alpha'])],
+        'beta': [float(b) for b in np.asarray(params['beta'])],
+        'units': unit_names, 'lam': float(gc.lam), 'form': gc.form, 'init': gc.init,
+        'regularizer': gc.regularizer,
+        'step': int(state['step']), 'seed': int(config.seed),
+        'executed_block_ratio': ratio, 'flop_fraction': flops,
+        'sampler': {'name': config.sampler.name, 'steps': len(timesteps),
+                    'timesteps': [int(t) for t in timesteps]},
+        'num_timesteps': T, 'backbone': backbone_dir,
+        'hard_masks': np.asarray(masks, int).tolist(),
+        'policy': policies.LeesPolicy.from_params(params, form=gc.form).to_dict(),
+        'config': config.to_dict(),
+    }
+    del policy
+    files.write_json(files.join(workdir, GATES_FILE), summary)
+    print(f'gates: executed-block ratio {ratio:.3f}, FLOP fraction {flops:.3f} on the '
+          f'{len(timesteps)}-step sampler; wrote {files.join(workdir, GATES_FILE)}', flush=True)
+
+  return Objective(
+      name='train_gates', section=gc, num_train_steps=num_steps(gc, config.data),
+      init_trainable=lambda rng: policies.init_gate_params(K, gc.init), frozen=backbone,
+      loss_fn=gate_loss_fn(model, schedule, float(gc.lam), gc.form == 'hard', gc.regularizer),
+      optimizer=optimizer, ema_decay=None, random_flip=False,  # paper: no augmentation
+      host_scalars=host_scalars, images=images, image_every=int(gc.get('heatmap_every', 0)),
+      finish=finish,
+      describe=f'LEES gate training: {K} units, lam={gc.lam} ({gc.regularizer} compute term), '
+               f'{gc.form} gates, {gc.init} start, backbone {backbone_dir}')
+

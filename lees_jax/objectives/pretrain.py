@@ -1,0 +1,57 @@
+"""DDPM backbone pretraining (Ho et al. 2020): eps-prediction on the whole network.
+
+Exports the EMA parameters to ``<workdir>/backbone`` (`lees_jax.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from lees_jax import checkpoints
+from lees_jax import diffusion
+from lees_jax import files
+from lees_jax import models
+from lees_jax.objectives.base import CHECKPOINT_DIR, Objective, draw_t_noise, num_steps
+
+
+def pretrain_objective(config) -> Objective:
+  """DDPM eps-prediction on the whole UNet: Adam, linear warm-up, clipping, EMA, dropout."""
+  pc = config.pretrain
+  model = models.build_model(config.model)
+  schedule = diffusion.schedule_from_config(config.diffusion)
+  T = schedule.num_steps
+  lr = optax.linear_schedule(0.0, pc.learning_rate, max(1, pc.warmup_steps)) \
+      if pc.warmup_steps > 0 else optax.constant_schedule(pc.learning_rate)
+  parts = [optax.clip_by_global_norm(pc.grad_clip)] if pc.grad_clip > 0 else []
+  optimizer = optax.chain(*parts, optax.adam(lr, b1=pc.get('b1', 0.9), b2=pc.get('b2', 0.999)))
+
+  def init_trainable(rng):
+    return models.init_params(model, rng)
+
+  def loss_fn(params, frozen, batch, rng):
+    del frozen
+    x0 = batch['image']
+    t, noise = draw_t_noise(rng, x0, T)
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    eps = model.apply({'params': params}, x_t, t, train=True,
+                      rngs={'dropout': jax.random.fold_in(rng, 2)})
+    mse = diffusion.eps_mse(eps, noise).mean()
+    return mse, {'mse': mse}
+
+  def host_scalars(state):
+    return {'learning_rate': float(lr(int(state['step'])))}
+
+  def finish(state, workdir):
+    checkpoints.export_backbone(
+        workdir, 'pretrain', int(state['step']), jax.device_get(state['ema_params']), config,
+        files.join(workdir, CHECKPOINT_DIR, 'pretrain'), source='lees_jax pretrain',
+        ema_decay=float(pc.ema_decay))
+
+  return Objective(
+      name='pretrain', section=pc, num_train_steps=num_steps(pc, config.data),
+      init_trainable=init_trainable, frozen={}, loss_fn=loss_fn, optimizer=optimizer,
+      ema_decay=float(pc.ema_decay), random_flip=bool(config.data.random_flip),
+      host_scalars=host_scalars, finish=finish,
+      describe=f'DDPM pretraining of a {config.model.name} (lr {pc.learning_rate}, '
+               f'warm-up {pc.warmup_steps}, clip {pc.grad_clip}, EMA {pc.ema_decay})')
