@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -92,6 +93,29 @@ def named_schedule(name: str, units, max_drop_fraction: float | None = None) -> 
     raise ValueError(f'unknown ASE schedule {name!r}; choose ase_default or one of {sorted(D_FRACTIONS)}')
   cap = max_drop_fraction_for(units) if max_drop_fraction is None else max_drop_fraction
   return policies.SchedulePolicy(schedule_matrix(D_FRACTIONS[key], len(units), cap), name=name)
+
+
+def table5_as_run(units, model_cost, timesteps, num_timesteps: int) -> list[dict]:
+  """Each Table 5 row as this backbone runs it: kept units per interval (the paper's DiT row
+  rescaled, then capped by `max_drop_fraction_for`), executed-block ratio and FLOP fraction on
+  the sampler's ``timesteps``, and where the cap cut the row.
+
+  On the DDPM UNet the cap (16 of 28 droppable) cuts D4 and D7, whose last intervals keep 8 of
+  28 DiT blocks: they run with 12 kept units there, so they are lighter drops than the paper's.
+  """
+  n = len(units)
+  rows = []
+  for name in sorted(D_FRACTIONS):
+    uncapped = schedule_matrix(D_FRACTIONS[name], n).sum(axis=0)
+    policy = named_schedule(name, units)
+    kept = policy.matrix.sum(axis=0)
+    masks = policy.step_masks(timesteps, num_timesteps, n)
+    rows.append({'name': name, 'table5_kept_of_28': list(DIT_KEPT[name]),
+                 'kept_uncapped': uncapped.astype(int).tolist(), 'kept': kept.astype(int).tolist(),
+                 'cut_by_cap': bool((kept != uncapped).any()), 'num_units': n,
+                 'executed_block_ratio': policies.executed_block_ratio(masks),
+                 'flop_fraction': model_cost.flop_fraction(masks)})
+  return rows
 
 
 # ---------------------------------------------------------------------------
@@ -196,3 +220,53 @@ def run_grid(points: Sequence[GridPoint], evaluate_point: Callable[[GridPoint], 
     files.append_line(results_path, json.dumps(rec))
     out.append(rec)
   return out
+
+
+def resolve_schedule(spec: str, units, config=None) -> policies.SchedulePolicy:
+  """``config.ase_ft.schedule`` -> the fixed schedule the backbone is fine-tuned under.
+
+  Accepted specs:
+    ase_default | D2 | D3 | D4 | D7   a Table 5 row mapped to the UNet (`ase.named_schedule`);
+    ase_s<start>_f<final>             a drop-length grid point by name (`GridPoint.name`,
+                                      e.g. ase_s2_f0.57), from the default grid or the one in
+                                      config.ase (grid_starts x grid_finals);
+    <path/grid.jsonl>[@budget]        the best-FID schedule of an `ase_grid` run within a FLOP
+                                      budget (default config.eval.ase_budget), as evaluate's
+                                      ``ase_grid:`` policy picks it;
+    <path.json>                       a schedule written as a policy dict ({"matrix": (K, n)
+                                      0/1 rows, "name": ...}), e.g. another run's
+                                      ase_schedule.json: custom schedules.
+  """
+  spec = str(spec).strip()
+  named = ['ase_default', *sorted(D_FRACTIONS)]
+  if spec in named:
+    return named_schedule(spec, units)
+  grid = list(drop_grid())
+  if config is not None and 'ase' in config:
+    grid += drop_grid(config.ase.grid_starts, config.ase.grid_finals)
+  points = {p.name: p for p in grid}
+  if spec in points:
+    return grid_policy(points[spec], units)
+  path, _, budget = spec.partition('@')
+  if path.endswith('.jsonl') or path.endswith('.json'):
+    if not files.isfile(path):
+      raise FileNotFoundError(f'config.ase_ft.schedule={spec!r}: no file at {path!r}')
+    if path.endswith('.jsonl'):
+      records = files.read_json_lines(path)
+      default_budget = config.eval.ase_budget if config is not None and 'eval' in config else 0.75
+      best = pick_for_budget(records, float(budget) if budget else float(default_budget))
+      return grid_policy(GridPoint(int(best['start']), float(best['final'])), units)
+    d = files.read_json(path)
+    if 'matrix' not in d:
+      raise ValueError(f'config.ase_ft.schedule={spec!r}: {path} has no "matrix" (a (units, '
+                       'intervals) 0/1 keep matrix)')
+    policy = policies.SchedulePolicy(np.asarray(d['matrix'], bool),
+                                   name=d.get('name', os.path.splitext(os.path.basename(path))[0]))
+    if policy.matrix.shape[0] != len(units):
+      raise ValueError(f'config.ase_ft.schedule={spec!r}: the matrix has {policy.matrix.shape[0]} '
+                       f'rows but the model has {len(units)} gateable units')
+    return policy
+  raise ValueError(
+      f'unknown ASE schedule config.ase_ft.schedule={spec!r}; use one of {named}, a grid point '
+      f'name ({", ".join(sorted(points))}), <grid.jsonl>[@budget] from an ase_grid run, or a '
+      '.json file holding a schedule matrix')

@@ -34,6 +34,11 @@ class ModelCost:
     out['always'] = self.always_flops / total
     return out
 
+  def savings(self) -> np.ndarray:
+    """(K,) FLOPs saved by skipping each unit (run - skip): the weights of LEES's FLOP-weighted
+    compute term."""
+    return np.array([u.run_flops - u.skip_flops for u in self.units], np.float64)
+
   def flops_for_mask(self, keep) -> float:
     keep = np.asarray(keep, bool)
     run = np.array([u.run_flops for u in self.units])

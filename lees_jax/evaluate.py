@@ -85,8 +85,8 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75,
     name = f'{kind}_{os.path.basename(os.path.normpath(arg))}'
     return ResolvedPolicy(name, policies.LeesPolicy(pol.alpha, pol.beta, form=form, name=name))
   if kind == 'ase_ft':
-    from lees_jax import train  # pylint: disable=g-import-not-at-top
-    params, pol = train.load_ase_finetuned(arg, expected_model_config=model.spec)
+    from lees_jax import objectives  # pylint: disable=g-import-not-at-top
+    params, pol = objectives.load_ase_finetuned(arg, expected_model_config=model.spec)
     name = f'ase_ft_{os.path.basename(os.path.normpath(arg))}'
     return ResolvedPolicy(name, policies.SchedulePolicy(pol.matrix, name=name), params)
   if kind == 'random':
@@ -153,7 +153,7 @@ class Evaluator:
 
     self.config = config
     ev = config.eval
-    self.backbone_path = backbone or ev.backbone or config.gates.backbone
+    self.backbone_path = backbone or config.backbone
     _, self.params = checkpoints.load_backbone_params(self.backbone_path, config.model)
     self.model = models.build_model(config.model, dtype=config.sampler.dtype)
     self.solver = samplers.solver_from_config(config.diffusion, config.sampler)
@@ -164,20 +164,33 @@ class Evaluator:
     self.fid_method = fid_method
     self.last_sample_stats = None  # the FID statistics of the latest `run` (the experiment's ΔFID)
     self.extractor = fid_lib.FeatureExtractor(ev.fid_weights or None, batch_size=ev.fid_batch_size)
-    ref_images = data.split_images(config.data, ev.reference_split)
-    ref_cache = files.join(out_dir, f'ref_stats_{config.data.dataset}_{_safe_name(ev.reference_split)}.npz')
-    self.ref_stats = fid_lib.load_or_compute_reference_stats(ref_images, ref_cache, extractor=self.extractor)
+    self._references = {}
+    self.ref_stats = self.reference_stats(ev.reference_split)
     self.reference = f'{config.data.dataset}/{ev.reference_split}'
     print(f'FID reference: {self.reference}, {self.ref_stats.count} images')
+
+  def reference_stats(self, split: str):
+    """FID statistics of ``split`` of ``config.data`` (cached in the out dir, resumable)."""
+    if split not in self._references:
+      cache = files.join(self.out_dir,
+                         f'ref_stats_{self.config.data.dataset}_{_safe_name(split)}.npz')
+      self._references[split] = self.fid.load_or_compute_reference_stats(
+          data.split_images(self.config.data, split), cache, extractor=self.extractor)
+    return self._references[split]
 
   def program(self, policy: policies.Policy, batch_size: int) -> samplers.SampleProgram:
     path = 'soft' if policy.soft else self.config.sampler.path
     return samplers.compile_sampler(self.model, self.solver, policy, batch_size, path=path, mesh=self.mesh)
 
   def run(self, resolved: ResolvedPolicy, seed: int, num_samples: int, *,
-          program: samplers.SampleProgram | None = None, time_it: bool = True):
-    """Samples, FID and timing of one (policy, seed). Returns (record, images, program)."""
+          program: samplers.SampleProgram | None = None, time_it: bool = True,
+          reference_split: str | None = None):
+    """Samples, FID (against ``reference_split``, default config.eval's) and timing of one
+    (policy, seed). Returns (record, images, program)."""
     ev = self.config.eval
+    ref_stats = self.ref_stats if reference_split is None else self.reference_stats(reference_split)
+    reference = (self.reference if reference_split is None
+                 else f'{self.config.data.dataset}/{reference_split}')
     policy = resolved.policy
     params = resolved.params if resolved.params is not None else self.params
     if program is None:
@@ -187,11 +200,11 @@ class Evaluator:
     images = generate(program, params, int(num_samples), int(seed), resolved.name)
     stats = self.fid.compute_statistics(images, extractor=self.extractor)
     self.last_sample_stats = stats
-    fid_value = self.fid.fid_from_statistics(stats, self.ref_stats, method=self.fid_method)
+    fid_value = self.fid.fid_from_statistics(stats, ref_stats, method=self.fid_method)
     rec = dict(policy=resolved.name, seed=int(seed), sampler=self.solver.name, steps=self.solver.num_steps,
                num_samples=int(num_samples), fid=fid_value, block_ratio=program.block_ratio,
                flop_fraction=program.flop_fraction, path=program.path, segments=len(program.segments),
-               reference=self.reference, reference_count=self.ref_stats.count,
+               reference=reference, reference_count=ref_stats.count,
                dtype=self.config.sampler.dtype, device=str(jax.devices()[0].device_kind),
                num_devices=jax.device_count())
     if time_it:
@@ -263,33 +276,48 @@ def evaluate(config, workdir: str) -> list[dict]:
   return results
 
 
-def ase_grid(config, workdir: str) -> list[dict]:
-  """``config.mode=ase_grid``: ASE drop-length grid search (B3), resumable.
+def run_ase_grid(config, evaluator: Evaluator, out_dir: str) -> list[dict]:
+  """Every schedule of the drop-length grid (`ase.drop_grid` over config.ase's starts and
+  finals), resumable (``<out_dir>/grid.jsonl``): FID on ``config.ase.grid_num_samples`` samples
+  of the selection seed ``config.ase.grid_seed`` against ``config.ase.grid_reference_split``,
+  FLOPs, and latency (so the ASE curve exists in latency as well as FLOPs).
 
-  Evaluates every schedule of `ase.drop_grid` with FID on ``config.ase.grid_num_samples``
-  samples and its FLOP fraction; writes ``W/ase_grid/grid.jsonl`` (one record per point),
-  ``pareto.json``, ``pareto.csv``, ``pareto.png`` and the pick for ``config.eval.ase_budget``.
+  The selection seed and reference are apart from the study's: B3 is picked on samples and
+  references it is not evaluated on, so its pick is not fitted to the noise of its own FID.
   """
-  out_dir = files.join(workdir, 'ase_grid')
-  evaluator = Evaluator(config, out_dir)
-  seed = int(config.ase.grid_seed)
+  ac = config.ase
 
   def evaluate_point(point):
     resolved = ResolvedPolicy(point.name, ase.grid_policy(point, evaluator.model.units))
-    rec, _, _ = evaluator.run(resolved, seed, config.ase.grid_num_samples, time_it=False)
+    rec, _, _ = evaluator.run(resolved, int(ac.grid_seed), ac.grid_num_samples,
+                              reference_split=ac.grid_reference_split)
     return rec
 
-  records = ase.run_grid(ase.drop_grid(config.ase.grid_starts, config.ase.grid_finals), evaluate_point,
-                         files.join(out_dir, 'grid.jsonl'))
+  return ase.run_grid(ase.drop_grid(ac.grid_starts, ac.grid_finals), evaluate_point,
+                      files.join(out_dir, 'grid.jsonl'))
+
+
+def ase_grid(config, workdir: str) -> list[dict]:
+  """``config.mode=ase_grid``: ASE drop-length grid search (B3), resumable (`run_ase_grid`).
+
+  Writes ``W/ase_grid/grid.jsonl`` (one record per point), ``pareto.json``, ``pareto.csv``,
+  ``pareto.png`` and the pick for ``config.eval.ase_budget``.
+  """
+  out_dir = files.join(workdir, 'ase_grid')
+  evaluator = Evaluator(config, out_dir)
+  records = run_ase_grid(config, evaluator, out_dir)
   front = ase.pareto_front(records)
   pick = ase.pick_for_budget(records, config.eval.ase_budget)
   files.write_json(files.join(out_dir, 'pareto.json'),
-                   {'pareto': front, 'budget': config.eval.ase_budget, 'pick': pick})
+                   {'pareto': front, 'budget': config.eval.ase_budget, 'pick': pick,
+                    'grid_seed': int(config.ase.grid_seed),
+                    'grid_reference': f'{config.data.dataset}/{config.ase.grid_reference_split}'})
   names = {r['name'] for r in front}
   files.write_text(files.join(out_dir, 'pareto.csv'), ''.join(
-      ['name,start,final,flop_fraction,block_ratio,fid,on_pareto\n'] +
+      ['name,start,final,flop_fraction,block_ratio,latency_ms_per_100,fid,on_pareto\n'] +
       [f'{r["name"]},{r["start"]},{r["final"]:.4f},{r["flop_fraction"]:.4f},'
-       f'{r["block_ratio"]:.4f},{r["fid"]:.4f},{int(r["name"] in names)}\n' for r in records]))
+       f'{r["block_ratio"]:.4f},{r["latency_ms_per_100"]:.2f},{r["fid"]:.4f},'
+       f'{int(r["name"] in names)}\n' for r in records]))
   from lees_jax import report
   report.save_png(report.pareto_plot(records, front, pick), files.join(out_dir, 'pareto.png'))
   print(f'ASE grid: {len(records)} schedules, Pareto set {[r["name"] for r in front]}; '

@@ -1,7 +1,7 @@
 """``config.mode=experiment``: the paper's CIFAR-10 study as one resumable grid of cells.
 
-From a backbone checkpoint (``config.eval.backbone`` or ``config.gates.backbone``) and the
-``config.experiment`` section, every *cell* is one (policy, seed):
+From a backbone checkpoint (``config.backbone``) and the ``config.experiment`` section, every
+*cell* is one (policy, seed), evaluated as ``config.eval`` says (samples, FID reference, latency):
 
   B1 full              every unit at every step
   B2 ASE-default       the ASE D3 schedule (lees_jax/ase.py)
@@ -39,13 +39,11 @@ Definitions (also stated in the report):
     ``robustness_seeds`` (default: all), identically for every policy. These Fréchet
     distances always use the 'svd' method (exact for covariances; it equals 'sqrtm' to ~1e-12
     for full-rank statistics) with each covariance decomposed once (`fid.Statistics.sqrt_eigh`).
-  * Gate convergence: the gates are snapshotted at every logging step of gate training
-    (``gates_history.jsonl``; step 0 is the initialisation alpha = beta = 0). Between two
-    successive snapshots, KL = mean over units k and the sampler's timesteps t_i of
-    KL(Bernoulli(g_k^new(t_i)) || Bernoulli(g_k^old(t_i))), the hard gate's execution
-    probability being g = sigmoid(alpha t + beta) (clipped to [1e-6, 1 - 1e-6]). The
-    convergence point is the first snapshot after which every successive KL is below
-    ``kl_threshold``, as a fraction of the training steps.
+  * Gate convergence (`stats.gate_convergence`): the gates are snapshotted at every logging step
+    of gate training (``gates_history.jsonl``); at each of ``convergence_fractions`` of training
+    the last snapshot at or before it is taken, and reported are the Bernoulli KL to the previous
+    fraction's gates and the share of hard (unit, sampler step) decisions that no longer change
+    afterwards. The convergence point is the first fraction whose share is >= ``stable_share``.
   * Training overhead: gate-training wall time of each cell (the call that finished it,
     compilation and backbone loading included) against one backbone training epoch, estimated
     as ``steps_per_epoch * t_step`` with t_step the median of ``overhead_steps`` timed pretraining
@@ -69,179 +67,14 @@ import traceback
 
 import numpy as np
 
-from lees_jax import files, robustness
+from lees_jax import cells
+from lees_jax import files
+from lees_jax import robustness
 from lees_jax import stats as stats_lib
-
-EXPERIMENT_DIR = 'experiment'
-CELLS_DIR = 'cells'
-RESULT_FILE = 'result.json'
-ERROR_FILE = 'error.txt'
-HISTORY_FILE = 'gates_history.jsonl'
-SUMMARY_FILE = 'summary.json'
-OVERHEAD_FILE = 'overhead.json'
-METRICS = ('fid', 'latency_ms_per_100', 'images_per_s', 'block_ratio', 'flop_fraction',
-           'delta_fid', 'gate_train_seconds', 'kl_converged_fraction')
-TTEST_METRICS = ('fid', 'latency_ms_per_100')
-
-
-class CellsFailed(RuntimeError):
-  """Some cells failed; the others finished and the report was written."""
-
-
-# ---------------------------------------------------------------------------
-# Cells.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-  id: str
-  group: str          # 'baseline' | 'lees' | 'ablation'
-  label: str          # e.g. 'B1 full', 'LEES λ=0.05', 'A1 soft'
-  kind: str           # 'full' | 'ase' | 'ase_grid' | 'lees' | 'random'
-  seed: int
-  lam: float | None = None
-  form: str = 'hard'  # gate training and evaluation form for kind 'lees'
-
-
-def lees_label(lam: float) -> str:
-  return f'LEES λ={lam:g}'
-
-
-def plan_cells(ex) -> list[Cell]:
-  """The grid, in run order: per seed B1, B2, LEES λ sweep, A1, A2, A3; then every B3 cell
-  (its budget may depend on all LEES cells)."""
-  lams = [float(x) for x in ex.lams]
-  main = float(ex.main_lam)
-  unknown_b = set(ex.baselines) - {'full', 'ase_default', 'ase_grid'}
-  unknown_a = set(ex.ablations) - {'soft', 'lam0', 'random'}
-  if unknown_b or unknown_a:
-    raise ValueError(f'unknown experiment.baselines {sorted(unknown_b)} / ablations {sorted(unknown_a)}; '
-                     "choose from ('full', 'ase_default', 'ase_grid') and ('soft', 'lam0', 'random')")
-  if not ex.seeds:
-    raise ValueError('experiment.seeds is empty')
-  if ('random' in ex.ablations or 'soft' in ex.ablations) and main not in lams:
-    raise ValueError(f'experiment.main_lam={main:g} must be one of experiment.lams {lams} '
-                     '(A1 and A3 are defined relative to it)')
-  cells = []
-  for s in (int(x) for x in ex.seeds):
-    if 'full' in ex.baselines:
-      cells.append(Cell(f'b1_full_s{s}', 'baseline', 'B1 full', 'full', s))
-    if 'ase_default' in ex.baselines:
-      cells.append(Cell(f'b2_ase_default_s{s}', 'baseline', 'B2 ASE-default', 'ase', s))
-    for lam in lams:
-      cells.append(Cell(f'lees_lam{lam:g}_s{s}', 'lees', lees_label(lam), 'lees', s, lam, 'hard'))
-    if 'soft' in ex.ablations:
-      cells.append(Cell(f'a1_soft_s{s}', 'ablation', 'A1 soft', 'lees', s, main, 'soft'))
-    if 'lam0' in ex.ablations:
-      cells.append(Cell(f'a2_lam0_s{s}', 'ablation', 'A2 λ=0', 'lees', s, 0.0, 'hard'))
-    if 'random' in ex.ablations:
-      cells.append(Cell(f'a3_random_s{s}', 'ablation', 'A3 random', 'random', s, main))
-  if 'ase_grid' in ex.baselines:
-    for s in (int(x) for x in ex.seeds):
-      cells.append(Cell(f'b3_ase_grid_s{s}', 'baseline', 'B3 ASE-grid', 'ase_grid', s))
-  return cells
-
-
-def label_order(ex) -> list[str]:
-  """Labels in table order (B1, B2, B3, LEES sweep, A1, A2, A3), restricted to the config."""
-  out = [l for b, l in (('full', 'B1 full'), ('ase_default', 'B2 ASE-default'),
-                        ('ase_grid', 'B3 ASE-grid')) if b in ex.baselines]
-  out += [lees_label(float(x)) for x in ex.lams]
-  out += [l for a, l in (('soft', 'A1 soft'), ('lam0', 'A2 λ=0'), ('random', 'A3 random'))
-          if a in ex.ablations]
-  return out
-
-
-# ---------------------------------------------------------------------------
-# Files.
-# ---------------------------------------------------------------------------
-
-
-def experiment_dir(workdir: str) -> str:
-  return files.join(workdir, EXPERIMENT_DIR)
-
-
-def cell_dir(workdir: str, cell_id: str) -> str:
-  return files.join(experiment_dir(workdir), CELLS_DIR, cell_id)
-
-
-def _cell_file(workdir: str, cell_id: str, name: str) -> str:
-  return files.join(cell_dir(workdir, cell_id), name)
-
-
-def load_cell_results(workdir: str) -> list[dict]:
-  """Every finished cell's record (any cell directory with a result.json), sorted by id."""
-  names = files.listdir(files.join(experiment_dir(workdir), CELLS_DIR))
-  return [files.read_json(_cell_file(workdir, n, RESULT_FILE)) for n in names
-          if files.isfile(_cell_file(workdir, n, RESULT_FILE))]
-
-
-def load_cell_errors(workdir: str) -> dict[str, str]:
-  """The tracebacks of failed cells (an error.txt and no result.json), by cell id."""
-  names = files.listdir(files.join(experiment_dir(workdir), CELLS_DIR))
-  return {n: files.read_text(_cell_file(workdir, n, ERROR_FILE)) for n in names
-          if files.isfile(_cell_file(workdir, n, ERROR_FILE))
-          and not files.isfile(_cell_file(workdir, n, RESULT_FILE))}
-
-
-# ---------------------------------------------------------------------------
-# Summary (its statistics: `lees_jax.stats`).
-# ---------------------------------------------------------------------------
-
-
-def summarize(workdir: str, config=None) -> dict:
-  """Statistics from the cells' result files only; writes W/experiment/summary.json."""
-  ex = config.experiment if config is not None else None
-  results = load_cell_results(workdir)
-  groups = stats_lib.by_label(results)
-  order = label_order(ex) if ex is not None else []
-  labels = order + sorted(l for l in groups if l not in order)
-  main_label = lees_label(float(ex.main_lam)) if ex is not None else _guess_main(groups)
-  per_label = stats_lib.per_label_stats(groups, labels, METRICS)
-  ttests = stats_lib.ttests_vs(groups, labels, main_label, TTEST_METRICS)
-
-  overhead_path = files.join(experiment_dir(workdir), OVERHEAD_FILE)
-  overhead = files.read_json(overhead_path) if files.isfile(overhead_path) else None
-  gate_seconds = stats_lib.mean_std([r.get('gate_train_seconds') for r in groups.get(main_label, [])])
-  training = {'backbone_epoch': overhead, 'gate_train_seconds_main': gate_seconds}
-  if overhead and gate_seconds['mean'] is not None and overhead.get('epoch_seconds'):
-    training['gate_train_over_backbone_epoch'] = gate_seconds['mean'] / overhead['epoch_seconds']
-
-  first = results[0] if results else {}
-  summary = {
-      'main_label': main_label, 'labels': labels, 'per_label': per_label,
-      'ttests_vs_main': ttests, 'training': training,
-      'cells_finished': len(results), 'failed_cells': sorted(load_cell_errors(workdir)),
-      'run': {k: first.get(k) for k in ('num_samples', 'reference', 'reference_count', 'sampler',
-                                         'steps', 'device', 'num_devices', 'dtype',
-                                         'latency_batch', 'fid_method')},
-  }
-  if ex is not None:
-    summary['run'].update(seeds=[int(s) for s in ex.seeds], lams=[float(x) for x in ex.lams],
-                          main_lam=float(ex.main_lam), kl_threshold=float(ex.kl_threshold),
-                          robustness=bool(ex.robustness), severity=int(ex.severity),
-                          corruptions=list(ex.corruptions),
-                          robustness_reference_size=int(ex.robustness_reference_size),
-                          robustness_dataset=ex.robustness_dataset)
-  grid_pick = files.join(experiment_dir(workdir), 'ase_grid', 'pareto.json')
-  if files.isfile(grid_pick):
-    summary['ase_grid'] = files.read_json(grid_pick)
-  files.write_json(files.join(experiment_dir(workdir), SUMMARY_FILE), summary)
-  return summary
-
-
-def _guess_main(groups) -> str:
-  lees = sorted(l for l in groups if l.startswith('LEES'))
-  return lees_label(0.05) if lees_label(0.05) in groups else (lees[0] if lees else lees_label(0.05))
-
-
-def read_history(path: str) -> list[dict]:
-  """Snapshots by step (a restarted run re-logs some steps: the last record wins)."""
-  by_step = {int(rec['step']): rec for rec in files.read_json_lines(path)}
-  return [by_step[s] for s in sorted(by_step)]
-
-
+# The grid and its files live in `lees_jax.cells`; these names are the experiment's vocabulary.
+from lees_jax.cells import (CELLS_DIR, ERROR_FILE, HISTORY_FILE, OVERHEAD_FILE, RESULT_FILE,
+                            SUMMARY_FILE, Cell, CellsFailed, cell_dir, experiment_dir, lees_label,
+                            load_cell_results, plan_cells, print_summary, read_history, summarize)
 # ---------------------------------------------------------------------------
 # Running the grid.
 # ---------------------------------------------------------------------------
@@ -251,24 +84,25 @@ def _cell_config(config, cell: Cell, backbone: str):
   cfg = config.copy_and_resolve_references()
   cfg.seed = int(cell.seed)
   cfg.gates.lam = float(cell.lam)
-  cfg.gates.form = cell.form
-  cfg.gates.backbone = backbone
+  cfg.gates.form = cell.train_form
+  cfg.gates.regularizer = cell.regularizer
+  cfg.backbone = backbone
   return cfg
 
 
 def train_cell_gates(config, cell: Cell, gates_dir: str, backbone: str) -> dict:
   """Trains (or resumes, or reuses) the cell's gates; returns timing and the gates summary.
 
-  Runs `train.train` on `train.gates_objective` -- exactly ``config.mode=train_gates`` -- with
-  one addition: the gate parameters of every logging step go to ``gates_history.jsonl``.
+  Runs `train.train` on `objectives.gates_objective` -- exactly ``config.mode=train_gates`` --
+  with one addition: the gate parameters of every logging step go to ``gates_history.jsonl``.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
-  from lees_jax import train  # pylint: disable=g-import-not-at-top
+  from lees_jax import objectives, train  # pylint: disable=g-import-not-at-top
   cfg = _cell_config(config, cell, backbone)
   timing_path = files.join(gates_dir, 'train_time.json')
-  gates_path = files.join(gates_dir, train.GATES_FILE)
-  objective = train.gates_objective(cfg)
+  gates_path = files.join(gates_dir, objectives.GATES_FILE)
+  objective = objectives.gates_objective(cfg)
   if files.isfile(gates_path) and files.isfile(timing_path) and \
       files.read_json(gates_path).get('step') == objective.num_train_steps:
     return dict(files.read_json(timing_path), gates=files.read_json(gates_path),
@@ -294,42 +128,32 @@ def train_cell_gates(config, cell: Cell, gates_dir: str, backbone: str) -> dict:
   return dict(timing, gates=files.read_json(gates_path), num_train_steps=objective.num_train_steps)
 
 
+def finetune_ase(config, schedule: str, out_dir: str, backbone: str) -> str:
+  """The backbone fine-tuned under ``schedule`` (`objectives.ase_objective`, exactly
+  ``config.mode=ase_finetune`` with config.ase_ft) in ``out_dir``: trained once (resumable),
+  shared by every seed's cell; returns ``out_dir`` for the ``ase_ft:`` policy spec."""
+  from lees_jax import objectives, train  # pylint: disable=g-import-not-at-top
+  cfg = config.copy_and_resolve_references()
+  cfg.mode = 'ase_finetune'
+  cfg.backbone = backbone
+  cfg.ase_ft.schedule = schedule
+  done = files.join(out_dir, objectives.ASE_SCHEDULE_FILE)
+  objective = objectives.ase_objective(cfg)
+  if not (files.isfile(done) and files.read_json(done).get('step') == objective.num_train_steps):
+    train.train(cfg, out_dir, objective)
+  return out_dir
+
+
 def time_backbone_epoch(config, num_steps: int) -> dict:
   """One backbone training epoch, estimated from ``num_steps`` timed pretraining steps."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from lees_jax import data, train  # pylint: disable=g-import-not-at-top
-  objective = train.pretrain_objective(config)
-  mesh = data.make_mesh()
-  batch_size = int(config.pretrain.batch_size)
-  data.check_batch_size(batch_size, mesh)
-  state = train.init_state(objective, jax.random.PRNGKey(0), mesh)
-  frozen = data.replicate(objective.frozen, mesh)
-  key = data.replicate(jax.device_get(jax.random.PRNGKey(1)), mesh)
-  step_fn = train.make_train_step(objective, mesh)
-  batches = data.train_iterator(config.data, global_batch_size=batch_size, seed=0,
-                                random_flip=objective.random_flip)
-  t0 = time.perf_counter()
-  state, metrics = step_fn(state, frozen, data.shard_batch(next(batches), mesh), key)
-  jax.block_until_ready(metrics)
-  compile_seconds = time.perf_counter() - t0
-  times = []
-  for _ in range(max(1, num_steps)):
-    batch = data.shard_batch(next(batches), mesh)
-    t0 = time.perf_counter()
-    state, metrics = step_fn(state, frozen, batch, key)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-  step_seconds = statistics.median(times)
+  from lees_jax import data, objectives, train  # pylint: disable=g-import-not-at-top
+  timing = train.time_steps(objectives.pretrain_objective(config), config, num_steps)
   n_train = data.num_examples(config.data)
-  steps_per_epoch = n_train / batch_size
-  return {'step_seconds': step_seconds, 'measured_steps': len(times), 'batch_size': batch_size,
-          'train_examples': n_train, 'steps_per_epoch': steps_per_epoch,
-          'epoch_seconds': steps_per_epoch * step_seconds, 'first_step_seconds': compile_seconds,
-          'device': str(jax.devices()[0].device_kind), 'num_devices': jax.device_count(),
-          'dataset': config.data.dataset,
-          'method': 'steps_per_epoch x median time of one pretraining step (data loading '
-                    'included, compile step excluded)'}
+  steps_per_epoch = n_train / timing['batch_size']
+  return dict(timing, train_examples=n_train, steps_per_epoch=steps_per_epoch,
+              epoch_seconds=steps_per_epoch * timing['step_seconds'], dataset=config.data.dataset,
+              method='steps_per_epoch x median time of one pretraining step (data loading '
+                     'included, compile step excluded)')
 
 
 class _Runner:
@@ -341,21 +165,24 @@ class _Runner:
     self.ex = config.experiment
     self.workdir = workdir
     self.out = experiment_dir(workdir)
-    eval_config = config
-    if self.ex.reference_split or self.ex.latency_repeats > 0:
-      eval_config = config.copy_and_resolve_references()
-      if self.ex.reference_split:
-        eval_config.eval.reference_split = self.ex.reference_split
-      if self.ex.latency_repeats > 0:
-        eval_config.eval.latency_repeats = int(self.ex.latency_repeats)
-    self.evaluator = evaluate.Evaluator(eval_config, self.out, fid_method=self.ex.fid_method)
+    self.evaluator = evaluate.Evaluator(config, self.out, fid_method=self.ex.fid_method)
     self.backbone = self.evaluator.backbone_path
-    self.num_samples = int(self.ex.num_samples) if self.ex.num_samples > 0 else int(config.eval.num_samples)
+    self.num_samples = int(config.eval.num_samples)
     self.programs = {}
+    self._write_ase_schedules()
     self.robustness = robustness.Robustness(config, self.evaluator,
                                             files.join(self.out, 'robustness_refs')) \
         if self.ex.robustness else None
     self._grid_pick = None
+
+  def _write_ase_schedules(self):
+    """W/experiment/ase_schedules.json: each Table 5 row as this backbone and sampler run it
+    (kept units per interval, where the cap cut it, executed ratio, FLOPs), for the report."""
+    from lees_jax import ase, cost  # pylint: disable=g-import-not-at-top
+    model, solver = self.evaluator.model, self.evaluator.solver
+    rows = ase.table5_as_run(model.units, cost.model_cost(model), solver.timesteps,
+                             solver.num_original_timesteps)
+    files.write_json(files.join(self.out, cells.ASE_SCHEDULES_FILE), rows)
 
   # -- policies --------------------------------------------------------------
 
@@ -369,8 +196,14 @@ class _Runner:
     if cell.kind == 'ase_grid':
       rec_extra['ase_grid_pick'] = self.ase_grid_pick()
       return 'ase_grid:' + files.join(self.out, 'ase_grid', 'pareto.json')
+    if cell.kind == 'ase_ft':
+      schedule = 'ase_default' if cell.form == 'ase_default' else self.ase_grid_pick()['name']
+      out = finetune_ase(self.config, schedule, files.join(self.out, 'ase_finetune', schedule),
+                         self.backbone)
+      rec_extra['ase_finetuned_schedule'] = schedule
+      return f'ase_ft:{out}'
     if cell.kind == 'random':
-      main = _cell_file(self.workdir, f'lees_lam{cell.lam:g}_s{cell.seed}', RESULT_FILE)
+      main = cells.cell_file(self.workdir, f'lees_lam{cell.lam:g}_s{cell.seed}', RESULT_FILE)
       if not files.isfile(main):
         raise RuntimeError(f'A3 random gates take their keep fraction from the LEES λ={cell.lam:g} '
                            f'cell of seed {cell.seed}, which has not finished (see its error.txt)')
@@ -379,16 +212,25 @@ class _Runner:
       return f'random:{keep!r}:{int(cell.seed)}'  # repr: the float round-trips exactly
     if cell.kind == 'lees':
       gates_dir = files.join(cdir, 'gates')
+      if cell.train_form == 'hard' and cell.form == 'soft':
+        # A1 (the paper's): the main λ cell's gates, trained exactly as this cell would train
+        # them (same seed, λ, form and compute term), applied soft: reuse them.
+        main_id = f'lees_lam{cell.lam:g}_s{cell.seed}'
+        if cells.read_result(self.workdir, main_id) is None:
+          raise RuntimeError(f'{cell.label} applies the gates of the LEES λ={cell.lam:g} cell of seed '
+                             f'{cell.seed} softly, and that cell has not finished (see its error.txt)')
+        gates_dir = files.join(cells.cell_dir(self.workdir, main_id), 'gates')
       info = train_cell_gates(self.config, cell, gates_dir, self.backbone)
       g = info['gates']
       hist = read_history(files.join(gates_dir, HISTORY_FILE))
       conv = stats_lib.gate_convergence(hist, self.evaluator.solver.timesteps, g['num_timesteps'],
-                                        info['num_train_steps'], float(self.ex.kl_threshold))
+                                        info['num_train_steps'], self.ex.convergence_fractions,
+                                        float(self.ex.stable_share))
       rec_extra.update(gate_train_seconds=info['gate_train_seconds'],
                        gate_train_steps=info['num_train_steps'], gates_dir=gates_dir,
                        gate_alpha=g['alpha'], gate_beta=g['beta'],
                        gates_executed_block_ratio=g['executed_block_ratio'],
-                       gate_convergence=conv, kl_converged_fraction=conv['converged_fraction'])
+                       gate_convergence=conv, converged_fraction=conv['converged_fraction'])
       return f'{"lees_soft" if cell.form == "soft" else "lees"}:{gates_dir}'
     raise ValueError(f'unknown cell kind {cell.kind!r}')
 
@@ -418,14 +260,7 @@ class _Runner:
     files.makedirs(out)
     cfg = self.config
 
-    def evaluate_point(point):
-      resolved = evaluate.ResolvedPolicy(point.name, ase.grid_policy(point, self.evaluator.model.units))
-      rec, _, _ = self.evaluator.run(resolved, int(cfg.ase.grid_seed), cfg.ase.grid_num_samples,
-                                     time_it=False)
-      return rec
-
-    records = ase.run_grid(ase.drop_grid(cfg.ase.grid_starts, cfg.ase.grid_finals), evaluate_point,
-                           files.join(out, 'grid.jsonl'))
+    records = evaluate.run_ase_grid(cfg, self.evaluator, out)
     budget = float(self.ex.ase_budget)
     source = 'experiment.ase_budget'
     if budget <= 0:
@@ -448,7 +283,8 @@ class _Runner:
     files.write_json(files.join(out, 'pareto.json'),
                      {'pareto': front, 'budget': budget, 'budget_source': source, 'note': note,
                       'pick': pick, 'grid_num_samples': int(cfg.ase.grid_num_samples),
-                      'grid_seed': int(cfg.ase.grid_seed)})
+                      'grid_seed': int(cfg.ase.grid_seed),
+                      'grid_reference': f'{cfg.data.dataset}/{cfg.ase.grid_reference_split}'})
     report.save_png(report.pareto_plot(records, front, pick), files.join(out, 'pareto.png'))
     self._grid_pick = dict(pick, budget=budget, budget_source=source, note=note)
     return self._grid_pick
@@ -479,7 +315,8 @@ class _Runner:
                     files.join(cdir, 'samples.png'))
     rec.update(extra)
     rec.update(cell=cell.id, group=cell.group, label=cell.label, kind=cell.kind, lam=cell.lam,
-               form=cell.form, seed=int(cell.seed), fid_method=self.ex.fid_method,
+               form=cell.form, train_form=cell.train_form, regularizer=cell.regularizer,
+               seed=int(cell.seed), fid_method=self.ex.fid_method,
                masks=np.asarray(program.masks, int).tolist(),
                timesteps=[int(t) for t in self.evaluator.solver.timesteps],
                num_timesteps=int(self.config.diffusion.num_timesteps),
@@ -492,7 +329,7 @@ class _Runner:
 
 
 def _cell_done(workdir: str, cell: Cell) -> bool:
-  return files.isfile(_cell_file(workdir, cell.id, RESULT_FILE))
+  return cells.read_result(workdir, cell.id) is not None
 
 
 def experiment(config, workdir: str, *, after_cell=None) -> dict:
@@ -503,14 +340,14 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
   """
   from lees_jax import report  # pylint: disable=g-import-not-at-top
   ex = config.experiment
-  cells = plan_cells(ex)
+  grid = plan_cells(ex)
   files.makedirs(experiment_dir(workdir))
   if not ex.report_only:
-    if not (config.eval.backbone or config.gates.backbone):
-      raise ValueError('config.mode=experiment needs a backbone: pass --config.gates.backbone=<a pretrain '
+    if not config.backbone:
+      raise ValueError('config.mode=experiment needs a backbone: pass --config.backbone=<a pretrain '
                        'workdir or a converted checkpoint directory> (see README, "The study")')
-    todo = [c for c in cells if not _cell_done(workdir, c)]
-    print(f'experiment: {len(cells)} cells, {len(cells) - len(todo)} finished earlier, '
+    todo = [c for c in grid if not _cell_done(workdir, c)]
+    print(f'experiment: {len(grid)} cells, {len(grid) - len(todo)} finished earlier, '
           f'{len(todo)} to run; workdir {workdir}', flush=True)
     if todo:
       from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
@@ -528,7 +365,7 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
           print('timing a backbone epoch failed (the report will lack it):\n' + traceback.format_exc())
       t_start = time.perf_counter()
       for n, cell in enumerate(todo, 1):
-        error_path = _cell_file(workdir, cell.id, ERROR_FILE)
+        error_path = cells.cell_file(workdir, cell.id, ERROR_FILE)
         files.remove(error_path)
         print(f'\n=== [cell {n}/{len(todo)}] {cell.id} ({cell.label}, seed {cell.seed}) ===', flush=True)
         t0 = time.perf_counter()
@@ -552,7 +389,7 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
   path = report.write_report(workdir)
   print(f'\nsummary: {files.join(experiment_dir(workdir), SUMMARY_FILE)}\nreport: {path}')
   print_summary(summary)
-  planned = {c.id for c in cells}
+  planned = {c.id for c in grid}
   failed = [c for c in summary['failed_cells'] if c in planned]
   if failed:
     raise CellsFailed(f'{len(failed)} cell(s) failed: {", ".join(failed)} (tracebacks in '
@@ -560,18 +397,3 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
                       'the other cells finished and the report shows them. Fix the cause and rerun '
                       'the same command: finished cells are kept.')
   return summary
-
-
-def print_summary(summary: dict):
-  def fmt(d, p=3):
-    if d['mean'] is None:
-      return '—'
-    return f'{d["mean"]:.{p}f}' + (f'±{d["std"]:.{p}f}' if d['std'] is not None else '')
-
-  print(f'\n{"policy":<18} {"n":>2} {"FID":>16} {"ms/100":>16} {"blocks":>8} {"FLOPs":>8}')
-  for label in summary['labels']:
-    e = summary['per_label'][label]
-    if not e['fid']['n']:
-      continue
-    print(f'{label:<18} {e["fid"]["n"]:>2} {fmt(e["fid"]):>16} {fmt(e["latency_ms_per_100"], 1):>16} '
-          f'{e["block_ratio"]["mean"]:>8.1%} {e["flop_fraction"]["mean"]:>8.1%}')

@@ -68,10 +68,25 @@ def gate_values(params, t):
   return _sigmoid(gate_logits(params, t))
 
 
-def init_gate_params(num_units: int) -> dict[str, jax.Array]:
-  """alpha = beta = 0: every gate starts at g = 0.5 (the paper's neutral start)."""
+GATE_STARTS = ('zero', 'on')
+# beta of the 'on' start: the logit is beta > 0 at every t, so every unit runs (g = 0.5025),
+# while the gradient, sigmoid'(beta) = 0.249994, is the zero start's to 5e-5.
+ON_START_BETA = 0.01
+
+
+def init_gate_params(num_units: int, start: str = 'zero') -> dict[str, jax.Array]:
+  """The gates' start (``config.gates.init``).
+
+  'zero': alpha = beta = 0 -- the paper's letter. Every gate is exactly 0.5, and a unit runs
+  only when g > 0.5, so every unit starts *off*: the first gradients are taken on a network
+  with every block skipped.
+  'on': alpha = 0, beta = +ON_START_BETA -- the same neutral g ~ 0.5, every unit executed.
+  """
+  if start not in GATE_STARTS:
+    raise ValueError(f'config.gates.init must be one of {GATE_STARTS}, got {start!r}')
+  beta = 0.0 if start == 'zero' else ON_START_BETA
   return {'alpha': jnp.zeros((num_units,), jnp.float32),
-          'beta': jnp.zeros((num_units,), jnp.float32)}
+          'beta': jnp.full((num_units,), beta, jnp.float32)}
 
 
 def random_gate_params(rng: np.random.Generator | int, num_units: int,

@@ -51,6 +51,34 @@ def paired_ttest(a, b) -> dict:
   return out
 
 
+def holm(p_values) -> list:
+  """Holm's step-down adjusted p-values (family-wise error control), in the input's order.
+
+  Sorted ascending p_(1) <= ... <= p_(m): adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
+  None entries (no test possible) stay None and do not count in m.
+  """
+  idx = [i for i, p in enumerate(p_values) if p is not None]
+  order = sorted(idx, key=lambda i: p_values[i])
+  m = len(order)
+  out = [None] * len(p_values)
+  running = 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+    out[i] = running
+  return out
+
+
+def holm_adjust_ttests(ttests: dict, metrics) -> dict:
+  """Adds ``p_holm`` to every test of `ttests_vs`'s result: one Holm family over all the
+  comparisons of the table (every other policy x every metric)."""
+  keys = [(label, m) for label in ttests for m in metrics if m in ttests[label]]
+  adjusted = holm([ttests[label][m].get('p') for label, m in keys])
+  for (label, m), p in zip(keys, adjusted):
+    ttests[label][m]['p_holm'] = p
+    ttests[label][m]['holm_family_size'] = sum(a is not None for a in adjusted)
+  return ttests
+
+
 def by_label(results: list[dict]) -> dict[str, list[dict]]:
   """Records grouped by their 'label', each group sorted by seed."""
   out: dict[str, list[dict]] = {}
@@ -118,24 +146,50 @@ def gate_probabilities(alpha, beta, timesteps, num_timesteps: int) -> np.ndarray
 
 
 def gate_convergence(history: list[dict], timesteps, num_timesteps: int, num_train_steps: int,
-                     threshold: float) -> dict:
-  """KL between successive gate snapshots and where it stays below ``threshold``."""
-  if not history:
-    return {'steps': [], 'kl': [], 'converged_step': None, 'converged_fraction': None,
-            'threshold': threshold}
+                     fractions, stable_share: float) -> dict:
+  """Where gate training settles, measured at fixed fractions of training.
+
+  ``history``: gate snapshots {'step', 'alpha', 'beta'} (any steps; step 0 = alpha = beta = 0 is
+  assumed when absent). For each f in ``fractions`` the snapshot taken is the last one at or
+  before step f * num_train_steps. Per fraction:
+    kl     -- mean over units k and sampler timesteps t_i of KL(Bern(g_k^f(t_i)) || Bern(g_k^prev(t_i))),
+              prev the previous fraction's snapshot (the start for the first): how much the gates
+              moved in that slice of training;
+    stable -- the share of hard (unit, sampler step) decisions (logit > 0) at f that equal the
+              decisions of every later fraction's snapshot: decisions that no longer change.
+  ``converged_fraction`` is the first f whose stable share is >= ``stable_share``. Unlike a KL
+  threshold between nearby snapshots (a Bernoulli KL is at most ~Δlogit²/8, so it is small at any
+  snapshot interval short enough), the stable share reaches 1 at the end by definition and
+  says how early the executed set was fixed.
+  """
+  fractions = [float(f) for f in fractions]
+  if not history or not fractions:
+    return {'fractions': fractions, 'steps': [], 'kl': [], 'stable': [],
+            'converged_fraction': None, 'stable_share': stable_share}
+  if sorted(fractions) != fractions or not 0.0 < fractions[0] or fractions[-1] > 1.0:
+    raise ValueError(f'convergence fractions must increase within (0, 1], got {fractions}')
   k = len(history[0]['alpha'])
-  snaps = history if int(history[0]['step']) == 0 else (
-      [{'step': 0, 'alpha': [0.0] * k, 'beta': [0.0] * k}] + history)
-  probs = [gate_probabilities(s['alpha'], s['beta'], timesteps, num_timesteps) for s in snaps]
-  kl = [float(bernoulli_kl(probs[i], probs[i - 1]).mean()) for i in range(1, len(snaps))]
-  steps = [int(s['step']) for s in snaps[1:]]
-  above = [i for i, v in enumerate(kl) if v >= threshold]
-  if not above:
-    conv_step = int(snaps[0]['step'])
-  elif above[-1] == len(kl) - 1:
-    conv_step = None  # still moving at the end of training
-  else:
-    conv_step = steps[above[-1]]
+  snaps = sorted(history, key=lambda s: int(s['step']))
+  if int(snaps[0]['step']) != 0:
+    snaps = [{'step': 0, 'alpha': [0.0] * k, 'beta': [0.0] * k}] + snaps
   total = max(1, int(num_train_steps))
-  return {'steps': steps, 'kl': kl, 'converged_step': conv_step, 'threshold': threshold,
-          'converged_fraction': None if conv_step is None else conv_step / total}
+  picked = []
+  for f in fractions:
+    at = [s for s in snaps if int(s['step']) <= f * total + 1e-9]
+    picked.append(at[-1])
+  t = np.asarray(timesteps)
+  probs = [gate_probabilities(s['alpha'], s['beta'], t, num_timesteps) for s in [snaps[0]] + picked]
+  from lees_jax import policies  # pylint: disable=g-import-not-at-top
+  # The decisions exactly as the sampler makes them (policies' masks).
+  hard = [policies.LeesPolicy(np.asarray(s['alpha'], np.float32), np.asarray(s['beta'], np.float32)
+                              ).step_masks(t, num_timesteps, k) for s in picked]
+  kl = [float(bernoulli_kl(probs[i + 1], probs[i]).mean()) for i in range(len(picked))]
+  stable = []
+  for i, h in enumerate(hard):
+    same = np.ones_like(h, bool)
+    for later in hard[i + 1:]:
+      same &= h == later
+    stable.append(float(same.mean()))
+  conv = next((f for f, st in zip(fractions, stable) if st >= stable_share), None)
+  return {'fractions': fractions, 'steps': [int(s['step']) for s in picked], 'kl': kl,
+          'stable': stable, 'converged_fraction': conv, 'stable_share': stable_share}

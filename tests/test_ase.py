@@ -134,3 +134,23 @@ def test_killed_grid_search_resumes_without_reevaluating(tmp_path):
   assert [r['name'] for r in ase.pareto_front(recs)] == [r['name'] for r in ase.pareto_front(uninterrupted)]
   with open(path) as f:
     assert [json.loads(line)['name'] for line in f] == [p.name for p in points]
+
+
+def test_table5_as_run_on_the_unet_reports_the_cut_and_its_cost():
+  from lees_jax import cost
+  timesteps = list(range(999, -1, -20))[::-1]  # any grid; 50 steps
+  rows = {r['name']: r for r in ase.table5_as_run(UNITS, cost.model_cost(unet.UNet(unet.UNetSpec())),
+                                                   timesteps, 1000)}
+  assert sorted(rows) == ['D2', 'D3', 'D4', 'D7']
+  for name, dropped in UNET_DROPPED.items():
+    r = rows[name]
+    assert r['table5_kept_of_28'] == list(TABLE5_DIT[name])
+    assert r['kept'] == [28 - d for d in dropped]
+    assert r['kept_uncapped'] == list(TABLE5_DIT[name])  # 28 units: the row itself
+    # The up-path cap cuts exactly the rows that drop more than 16 somewhere.
+    assert r['cut_by_cap'] == (min(TABLE5_DIT[name]) < 12)
+    masks = ase.named_schedule(name, UNITS).step_masks(timesteps, 1000, 28)
+    assert r['executed_block_ratio'] == masks.mean()
+    assert 0 < r['flop_fraction'] < 1
+  assert not rows['D3']['cut_by_cap'] and rows['D4']['cut_by_cap'] and rows['D7']['cut_by_cap']
+  assert rows['D4']['kept'][-2:] == [12, 12]  # Table 5 keeps 8 of 28 there

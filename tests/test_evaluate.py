@@ -12,7 +12,7 @@ from lees_jax import evaluate, models, policies
 
 def _config(backbone, policies):
   c = cifar10.get_config('tiny')
-  c.eval.backbone = backbone
+  c.backbone = backbone
   c.eval.policies = policies
   c.eval.reference_split = 'test[:16]'
   return c

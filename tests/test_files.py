@@ -135,8 +135,8 @@ def test_evaluate_writes_and_resumes_on_gs(tiny_backbone, gcs, monkeypatch):
   import sys
   monkeypatch.setitem(sys.modules, 'clu', None)  # CLU's TF summary writer would go to real GCS
   c = cifar10.get_config('tiny')
-  c.eval.update(backbone=tiny_backbone, policies=('ase:ase_default',), seeds=(0,), num_samples=4,
-                reference_split='test[:8]')
+  c.backbone = tiny_backbone
+  c.eval.update(policies=('ase:ase_default',), seeds=(0,), num_samples=4, reference_split='test[:8]')
   w = 'gs://bucket/w'
   results = evaluate.evaluate(c, w)
   names = _names(gcs, 'gs://bucket/w/eval')
@@ -165,8 +165,9 @@ def _cell_records(k=3, steps=(999, 499, 0)):
     recs.append(dict(common, cell=f'lees_lam0.05_s{s}', group='lees', label='LEES λ=0.05', kind='lees',
                      lam=0.05, form='hard', fid=31.0 + s * 1.5, block_ratio=0.6, flop_fraction=0.62,
                      gate_alpha=[1.0, -2.0, 3.0], gate_beta=[0.5, 0.1, -1.0], gate_train_seconds=9.0,
-                     gate_train_steps=4, kl_converged_fraction=0.5, latency_ms_per_100=38.0 + s,
-                     gate_convergence={'steps': [1, 2, 3, 4], 'kl': [0.3, 0.1, 0.01, 0.0]}))
+                     gate_train_steps=4, converged_fraction=0.5, latency_ms_per_100=38.0 + s,
+                     gate_convergence={'fractions': [0.5, 1.0], 'steps': [2, 4], 'kl': [0.3, 0.01],
+                                       'stable': [0.5, 1.0]}))
   return recs
 
 
@@ -186,7 +187,7 @@ def test_experiment_summary_and_report_read_gs_like_local(gcs, tmp_path):
                       'measured_steps': 1, 'batch_size': 4, 'device': 'cpu', 'num_devices': 1,
                       'train_examples': 40, 'dataset': 'cifar10'})
     assert [r['cell'] for r in experiment.load_cell_results(w)] == sorted(r['cell'] for r in _cell_records())
-    assert experiment.load_cell_errors(w) == {'a3_random_s0': 'Traceback'}
+    assert experiment.cells.load_cell_errors(w) == {'a3_random_s0': 'Traceback'}
     summary = experiment.summarize(w, c)
     assert summary['failed_cells'] == ['a3_random_s0'] and summary['cells_finished'] == 6
     assert summary['training']['gate_train_over_backbone_epoch'] == pytest.approx(0.09)
@@ -199,5 +200,5 @@ def test_experiment_summary_and_report_read_gs_like_local(gcs, tmp_path):
   assert local == remote
   summary, md, listing = remote
   assert '| LEES λ=0.05 |' in md and 'a3_random_s0' in md
-  assert {'report.md', 'pareto.png', 'kl.png', 'samples_B1_full.png', 'gates_LEES_lam_0.05.png'} <= set(listing)
+  assert {'report.md', 'pareto.png', 'convergence.png', 'samples_B1_full.png', 'gates_LEES_lam_0.05.png'} <= set(listing)
   assert _names(gcs, 'gs://bucket/w/report') == listing

@@ -13,8 +13,8 @@ from lees_jax import checkpoints, data, diffusion, experiment, models
 
 def test_shipped_backbone_loads_matches_its_config_and_denoises():
   c = cifar10.get_config('quickstart')
-  meta = checkpoints.read_backbone_meta(c.gates.backbone)
-  model_config, params = checkpoints.load_backbone_params(c.gates.backbone, c.model)
+  meta = checkpoints.read_backbone_meta(c.backbone)
+  model_config, params = checkpoints.load_backbone_params(c.backbone, c.model)
   # Produced by this project's pretrain mode with the preset's recipe (see TRAINING.md there).
   assert meta['source'] == 'lees_jax pretrain' and meta['params_kind'] == 'ema'
   assert meta['ema_decay'] == c.pretrain.ema_decay and meta['seed'] == c.seed
@@ -39,8 +39,9 @@ def test_shortened_quickstart_runs_end_to_end(tmp_path):
   # The README command with fewer steps and samples.
   c.sampler.update(steps=10, batch_size=16)
   c.gates.num_train_steps = 4
-  c.eval.update(latency_batch=16, latency_repeats=1, fid_batch_size=16)
-  c.experiment.update(num_samples=16, reference_split='test[:32]', overhead_steps=0)
+  c.eval.update(latency_batch=16, latency_repeats=1, fid_batch_size=16, num_samples=16,
+                reference_split='test[:32]')
+  c.experiment.update(overhead_steps=0)
   summary = experiment.experiment(c, str(tmp_path))
   report = (tmp_path / 'report' / 'report.md').read_text()
   cells = {r['cell']: r for r in experiment.load_cell_results(str(tmp_path))}
