@@ -489,3 +489,15 @@ def test_reference_stats_resume_bitwise(tmp_path, capsys):
   ex = _FakeExtractor()
   fid.load_or_compute_reference_stats(other, tmp_path / "c.npz", extractor=ex, chunk_size=8)
   assert ex.calls == 7
+
+
+def test_extractors_share_one_compiled_network(extractor, weights_path, cifar):
+  """A second extractor (every Evaluator makes one) reuses the first one's compilation."""
+  images = cifar[0][:2]
+  extractor(images)
+  fn = extractor._fn  # pylint: disable=protected-access
+  compiled = fn._cache_size()  # pylint: disable=protected-access
+  again = fid.FeatureExtractor(weights_path, batch_size=extractor.batch_size)
+  assert again._fn is fn  # pylint: disable=protected-access
+  np.testing.assert_array_equal(again(images), extractor(images))
+  assert fn._cache_size() == compiled  # pylint: disable=protected-access

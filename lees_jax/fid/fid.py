@@ -82,6 +82,22 @@ def images_fingerprint(images: np.ndarray) -> str:
 # Features.
 # --------------------------------------------------------------------------------------------
 
+def _features(variables, images):
+  return inception.InceptionV3().apply(variables, inception.preprocess(images))
+
+
+@functools.lru_cache(maxsize=None)
+def _features_fn(devices: tuple):
+  """One jitted feature function per device set, shared by every extractor: jit caches
+  compilations per function object, so a fresh closure per extractor would compile the
+  Inception network again for every evaluation (tens of seconds on a CPU)."""
+  if len(devices) == 1:
+    return jax.jit(_features)
+  mesh = Mesh(np.array(devices), ("batch",))
+  batch = NamedSharding(mesh, P("batch"))
+  return jax.jit(_features, in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
+
+
 class FeatureExtractor:
   """Batched, jitted Inception pool3 features of uint8 NHWC images.
 
@@ -106,22 +122,14 @@ class FeatureExtractor:
     n = len(self.devices)
     # Every device gets the same number of rows.
     self.batch_size = -(-batch_size // n) * n
-    net = inception.InceptionV3()
-
-    def features(variables, images):
-      return net.apply(variables, inception.preprocess(images))
-
     if n > 1:
       mesh = Mesh(np.array(self.devices), ("batch",))
-      replicated = NamedSharding(mesh, P())
       self._batch_sharding = NamedSharding(mesh, P("batch"))
-      self._variables = jax.device_put(variables, replicated)
-      self._fn = jax.jit(features, in_shardings=(replicated, self._batch_sharding),
-                         out_shardings=self._batch_sharding)
+      self._variables = jax.device_put(variables, NamedSharding(mesh, P()))
     else:
       self._batch_sharding = self.devices[0]
       self._variables = jax.device_put(variables, self.devices[0])
-      self._fn = jax.jit(features)
+    self._fn = _features_fn(tuple(self.devices))
 
   def _run(self, batch: np.ndarray) -> jax.Array:
     n = batch.shape[0]
