@@ -17,6 +17,7 @@ from its latest checkpoint ends bitwise identical to an uninterrupted run.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -159,7 +160,9 @@ def _checkpoint_manager(workdir: str, objective: Objective):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=int(objective.section.get('keep_checkpoints', 3)), create=True,
       enable_async_checkpointing=False, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(files.join(workdir, CHECKPOINT_DIR, objective.name), options=options)
+  # orbax writes only to absolute paths: a relative local --workdir is resolved here.
+  root = workdir if files.is_remote(workdir) else os.path.abspath(workdir)
+  return ocp.CheckpointManager(files.join(root, CHECKPOINT_DIR, objective.name), options=options)
 
 
 def _restore(manager, state: dict, step: int) -> dict:

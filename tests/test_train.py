@@ -587,3 +587,15 @@ def test_partition_and_merge_split_a_parameter_tree(tiny_model):
   merged = objectives.merge(trainable, frozen)
   assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(dict(params))
   jax.tree_util.tree_map(np.testing.assert_array_equal, merged, dict(params))
+
+
+def test_relative_workdir(tmp_path, monkeypatch, compile_cache):
+  """A relative --workdir (the README's commands use one) trains, checkpoints and exports:
+  orbax accepts only absolute paths, so the loop resolves it."""
+  del compile_cache
+  monkeypatch.chdir(tmp_path)
+  config = _tiny(**{'mode': 'pretrain', 'pretrain.num_train_steps': 2,
+                    'pretrain.checkpoint_every': 1, 'pretrain.log_every': 1})
+  main_lib.run_mode(config, 'rel/w')
+  assert sorted(os.listdir(tmp_path / 'rel' / 'w' / 'checkpoints' / 'pretrain')) == ['1', '2']
+  assert (tmp_path / 'rel' / 'w' / 'backbone' / 'backbone.json').is_file()
