@@ -131,8 +131,12 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       corruptions=('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'motion_blur',
                    'zoom_blur', 'snow', 'frost', 'fog', 'brightness', 'contrast',
                    'elastic_transform', 'pixelate', 'jpeg_compression'),
-      robustness_split='test', robustness_reference_size=10_000,
-      robustness_num_samples=-1,  # -1: all of the cell's samples
+      # ΔFID denoises every input of each corruption (and the clean copy) per cell: 2,000
+      # images keep it near the cell's own sampling cost (10,000 would add ~4-5 h on an H100).
+      robustness_split='test', robustness_reference_size=2_000,
+      # ΔFID's inputs are noised to the first sampler timestep <= t_start * T and denoised by
+      # the policy from there (lees_jax/robustness.py)
+      robustness_t_start=0.5,
       robustness_seeds=(),        # () = every seed
       # Gate convergence (lees_jax/stats.py:gate_convergence): snapshots at these fractions of
       # training; converged at the first whose share of stable hard decisions >= stable_share.
@@ -156,7 +160,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
                  grid_reference_split='test[64:128]')
     c.ase_ft.update(batch_size=8, num_train_steps=20, reweight_steps=10, learning_rate=1e-3,
                     ema_decay=0.9, log_every=5, checkpoint_every=10)
-    c.experiment.update(lams=(0.05, 0.1), flop_weighted_lams=(), seeds=(0, 1), ase_finetuned=False,
+    c.experiment.update(lams=(0.05, 0.1), flop_weighted_lams=(0.1,), seeds=(0, 1), ase_finetuned=True,
                         robustness=False,  # no network: no CIFAR-10-C
                         corruptions=('gaussian_noise', 'fog'), robustness_reference_size=16,
                         fid_method='svd', overhead_steps=2, sample_grid=8)

@@ -222,6 +222,11 @@ def summarize(workdir: str, config=None) -> dict:
                           corruptions=list(ex.corruptions),
                           robustness_reference_size=int(ex.robustness_reference_size),
                           robustness_dataset=ex.robustness_dataset)
+  rob = next((r['robustness'] for r in results if r.get('robustness')), None)
+  if rob:  # the definition with the run's values, as the cells measured it
+    summary['run'].update(robustness_definition=rob.get('definition'),
+                          robustness_t_start=rob.get('t_start'),
+                          robustness_start_step=rob.get('start_step'))
   schedules = files.join(experiment_dir(workdir), ASE_SCHEDULES_FILE)
   if files.isfile(schedules):
     summary['ase_schedules'] = files.read_json(schedules)

@@ -57,8 +57,7 @@ def save_backbone(directory: str, params, model_config, *, diffusion_config=None
   if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f'{directory} already exists; choose another output directory or remove it '
                           'first (nothing was written)')
-  spec = models.UNetSpec.from_config(model_config)  # validates the architecture
-  del spec
+  models.spec_from_config(model_config)  # validates the architecture (of its family)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.tmp-', dir=parent)
@@ -117,14 +116,11 @@ def load_backbone_params(path: str, expected_model_config=None):
   meta = read_backbone_meta(directory)
   model_config = ml_collections.ConfigDict(meta['model'])
   if expected_model_config is not None:
-    want = models.UNetSpec.from_config(expected_model_config)
-    have = models.UNetSpec.from_config(model_config)
-    # Dropout is a training setting, not part of the architecture.
-    if dataclasses.replace(want, dropout=0.0) != dataclasses.replace(have, dropout=0.0):
-      diffs = [f'{f}: checkpoint {getattr(have, f)!r} vs config {getattr(want, f)!r}'
-               for f in want.__dataclass_fields__
-               if f != 'dropout' and getattr(have, f) != getattr(want, f)]
-      raise BackboneError(f'backbone at {directory} does not match config.model: ' + '; '.join(diffs))
+    # Training settings (the UNet's dropout, DiT's label dropout) are not the architecture.
+    diffs = models.architecture_differences(expected_model_config, model_config)
+    if diffs:
+      raise BackboneError(f'backbone at {directory} does not match config.model: ' + '; '.join(
+          f'{field}: checkpoint {have!r} vs config {want!r}' for field, have, want in diffs))
   model = models.build_model(model_config)
   abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
   target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract)
@@ -133,9 +129,17 @@ def load_backbone_params(path: str, expected_model_config=None):
   except Exception as e:  # orbax raises many types for corrupt / mismatched trees
     raise BackboneError(f'cannot restore backbone parameters from {directory}/params '
                         f'(expected the tree of a {models.count_params(abstract):,}-parameter '
-                        f'{model_config.name} with ch={model_config.ch}, ch_mult={tuple(model_config.ch_mult)}): '
+                        f'{model_config.name} {_architecture(model_config)}): '
                         f'{type(e).__name__}: {e}') from e
   return model_config, params
+
+
+def _architecture(model_config) -> str:
+  """The network's fields as 'with a=1, b=(1, 2)' (training settings left out)."""
+  fam = models.backbone.family(model_config.name)
+  spec = fam.spec_from_config(model_config)
+  return 'with ' + ', '.join(f'{f.name}={getattr(spec, f.name)!r}' for f in dataclasses.fields(spec)
+                             if f.name not in fam.training_fields)
 
 
 def load_backbone(path: str):

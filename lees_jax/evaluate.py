@@ -162,7 +162,6 @@ class Evaluator:
     files.makedirs(out_dir)
     self.fid = fid_lib
     self.fid_method = fid_method
-    self.last_sample_stats = None  # the FID statistics of the latest `run` (the experiment's ΔFID)
     self.extractor = fid_lib.FeatureExtractor(ev.fid_weights or None, batch_size=ev.fid_batch_size)
     self._references = {}
     self.ref_stats = self.reference_stats(ev.reference_split)
@@ -199,7 +198,6 @@ class Evaluator:
             f'executed blocks {program.block_ratio:.1%}, FLOPs {program.flop_fraction:.1%}')
     images = generate(program, params, int(num_samples), int(seed), resolved.name)
     stats = self.fid.compute_statistics(images, extractor=self.extractor)
-    self.last_sample_stats = stats
     fid_value = self.fid.fid_from_statistics(stats, ref_stats, method=self.fid_method)
     rec = dict(policy=resolved.name, seed=int(seed), sampler=self.solver.name, steps=self.solver.num_steps,
                num_samples=int(num_samples), fid=fid_value, block_ratio=program.block_ratio,

@@ -30,15 +30,20 @@ Files (``W = workdir``):
 Every file goes through `lees_jax.files` (atomic writes; W may be gs://).
 
 Definitions (also stated in the report):
-  * ΔFID (robustness, CIFAR-10-C at severity s): for each corruption c,
-    ΔFID_c = FID(samples, C_c) − FID(samples, clean), where C_c are the first
+  * ΔFID (robustness to corrupted inputs, CIFAR-10-C at severity s; `lees_jax.robustness`,
+    whose ``DEFINITION`` every record and the report carry with the run's values): the first
     ``robustness_reference_size`` images of ``<robustness_dataset>/<c>_<s>`` split
-    ``robustness_split`` and ``clean`` the same images uncorrupted (the same split and count of
-    ``config.data``); ΔFID is the mean of ΔFID_c over the corruption list. The samples are the
-    cell's own samples (the first ``robustness_num_samples`` of them), for every seed of
-    ``robustness_seeds`` (default: all), identically for every policy. These Fréchet
-    distances always use the 'svd' method (exact for covariances; it equals 'sqrtm' to ~1e-12
-    for full-rank statistics) with each covariance decomposed once (`fid.Statistics.sqrt_eigh`).
+    ``robustness_split`` (CIFAR-10-C image i is a corrupted copy of CIFAR-10 test image i) and
+    the same clean images of ``config.data`` are noised to the first sampler step whose timestep
+    is <= ``robustness_t_start``·T, with one fixed ε per image from the cell's seed (the same for
+    every policy, corruption and the clean copy), and denoised by the cell's policy from that
+    step on (SDEdit). FID_c = FID(denoised c(x), clean images); the anchor A = FID(the full
+    model's denoised clean x, clean images), one per seed and common to every policy;
+    ΔFID_c = FID_c − A and ΔFID = mean_c FID_c − A. Lower is more robust, and as A is common to
+    all policies ΔFID orders them exactly as the corrupted-input FID does (a degraded policy
+    cannot look more robust through a worse clean baseline). For every seed of
+    ``robustness_seeds`` (default: all). These Fréchet distances use the 'svd' method with each
+    covariance decomposed once (`fid.Statistics.sqrt_eigh`).
   * Gate convergence (`stats.gate_convergence`): the gates are snapshotted at every logging step
     of gate training (``gates_history.jsonl``); at each of ``convergence_fractions`` of training
     the last snapshot at or before it is taken, and reported are the Bernoulli KL to the previous
@@ -304,11 +309,11 @@ class _Runner:
     if cache_key:
       self.programs[cache_key] = program
     eval_seconds = time.perf_counter() - t_eval
-    sample_stats = self.evaluator.last_sample_stats
     t_rob = time.perf_counter()
     if self.robustness is not None and (not self.ex.robustness_seeds or
                                         cell.seed in tuple(self.ex.robustness_seeds)):
-      rob = self.robustness.delta_fid(sample_stats, images, self.evaluator.extractor)
+      # The cell's policy (and its backbone, e.g. ase_ft's) denoises the corrupted inputs.
+      rob = self.robustness.evaluate(resolved, seed=cell.seed, cache_key=cache_key)
       rec.update(robustness=rob, delta_fid=rob['delta_fid'])
     rob_seconds = time.perf_counter() - t_rob
     report.save_png(report.image_grid(images[:max(1, min(int(self.ex.sample_grid), len(images)))]),

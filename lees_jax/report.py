@@ -204,14 +204,8 @@ def write_report(workdir: str) -> str:
   add('## Robustness (CIFAR-10-C)\n')
   rob_labels = [l for l in labels if per[l].get('delta_fid', {}).get('n')]
   if rob_labels:
-    add(f'**ΔFID definition (ours; the paper gives none).** For each corruption c at severity '
-        f'{run.get("severity")}: ΔFID_c = FID(samples, C_c) − FID(samples, clean), where C_c are '
-        f'the first {run.get("robustness_reference_size")} test images of '
-        f'`{run.get("robustness_dataset")}/<c>_{run.get("severity")}` and *clean* the same split and '
-        'count of the uncorrupted dataset; ΔFID is the mean of ΔFID_c over the corruptions. The '
-        'samples are the cell\'s own samples; the same references and the same procedure for '
-        'every policy. A smaller ΔFID means the samples are as far from the corrupted data as '
-        'from the clean data, i.e. less corruption-like.\n')
+    add('**ΔFID definition (ours; the paper gives none).** '
+        + (run.get('robustness_definition') or 'see `lees_jax/robustness.py` (DEFINITION).') + '\n')
     add(_md_table(['policy', 'n', 'ΔFID (ours)', 'ΔFID (paper)'],
                   [[l, per[l]['delta_fid']['n'], _fmt(per[l]['delta_fid']),
                     _p(PAPER_DELTA_FID.get(l))] for l in rob_labels]))

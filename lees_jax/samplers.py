@@ -17,6 +17,12 @@ The gate forms (`lees_jax.gates`) carry each path into the backbone; the policy
 Every path uses the same step function, step index ``i`` and per-step noise key
 ``fold_in(rng, i)``, so the paths give the same samples for the same key and gates.
 
+A *partial* program (``compile_sampler(..., start_step=i0)``, a `PartialSampleProgram`) runs
+only steps i0, ..., S-1 from a given x at the solver's timestep of step i0 (SDEdit-style
+denoising of noised inputs; `start_step` picks i0, `noise_to_step` makes that x):
+``fn(params, rng, x_init) -> x0``. It keeps the absolute step index and the per-step keys of
+the full program, so from the full program's state at step i0 it continues that trajectory.
+
 Time runs from noise to data: sampler step i = 0 is the noisiest timestep.
 """
 
@@ -83,6 +89,21 @@ class Solver:
 
   def _at(self, i):
     return {k: jnp.asarray(v, jnp.float32)[i] for k, v in self.coefs.items()}
+
+  def starting_at(self, step: int) -> 'Solver':
+    """This solver for a run that begins at sampler step ``step`` (a partial program).
+
+    A multistep solver has no history at its first step: DPM-Solver++(2M) then takes a first-
+    order step, as it does at step 0 (its history state starts at zero, and a second-order
+    coefficient would blend that zero in). One-step solvers are returned unchanged.
+    """
+    if not 0 <= step < self.num_steps:
+      raise ValueError(f'start step {step} is not a step of this {self.num_steps}-step sampler')
+    if self.name != 'dpm_solver++' or self.coefs['half_r_inv'][step] == 0.0:
+      return self
+    coefs = dict(self.coefs, half_r_inv=self.coefs['half_r_inv'].copy())
+    coefs['half_r_inv'][step] = 0.0
+    return dataclasses.replace(self, coefs=coefs)
 
   def update(self, i, state, eps, key):
     """One reverse step from sampler step i to i + 1 (the last step returns x0)."""
@@ -188,6 +209,33 @@ def solver_from_config(diffusion_config, sampler_config) -> Solver:
                      sampler_config.get('variance', 'fixed_large'))
 
 
+def start_step(solver: Solver, t_start: float) -> int:
+  """The sampler step a partial run starts at: the first (noisiest) step whose original
+  timestep is <= ``t_start * T``, i.e. the largest kept timestep not above that level.
+
+  ``t_start`` in [0, 1]; 1 gives step 0 (denoising from almost pure noise), 0 the last step
+  (timestep 0). Every spacing keeps timestep 0, so a step always exists.
+  """
+  if not 0.0 <= t_start <= 1.0:
+    raise ValueError(f't_start must be in [0, 1], got {t_start}')
+  below = np.nonzero(solver.timesteps <= t_start * solver.num_original_timesteps)[0]
+  if below.size == 0:
+    raise ValueError(f'no timestep of {solver.describe()} (smallest {solver.timesteps.min()}) is '
+                     f'<= {t_start} * {solver.num_original_timesteps}')
+  return int(below[0])
+
+
+def noise_to_step(schedule: diffusion.Schedule, solver: Solver, x0, step: int, noise) -> jax.Array:
+  """x0 noised to sampler step ``step``: q(x_t | x0) at the solver's original timestep t of
+  that step (`diffusion.q_sample` on the un-respaced ``schedule`` of the solver)."""
+  if schedule.num_steps != solver.num_original_timesteps:
+    raise ValueError(f'the schedule has {schedule.num_steps} timesteps but the solver was built '
+                     f'on {solver.num_original_timesteps}')
+  x0 = jnp.asarray(x0, jnp.float32)
+  t = jnp.full((x0.shape[0],), int(solver.timesteps[step]), jnp.int32)
+  return diffusion.q_sample(schedule, x0, t, jnp.asarray(noise, jnp.float32))
+
+
 # ---------------------------------------------------------------------------
 # Compiled programs.
 # ---------------------------------------------------------------------------
@@ -215,15 +263,36 @@ class SampleProgram:
     return self.jitted.lower(params, rng, self.operand)
 
 
+@dataclasses.dataclass(eq=False)
+class PartialSampleProgram(SampleProgram):
+  """Steps ``start_step``..S-1 only: ``program(params, rng, x_init) -> x0``, ``x_init`` the
+  (batch_size, H, W, C) state at step ``start_step`` (e.g. `noise_to_step`).
+
+  ``masks``, ``block_ratio`` and ``flop_fraction`` count the steps run only; ``segments``
+  cover them, numbered by the solver's (absolute) step index.
+  """
+  start_step: int = 0
+
+  def __call__(self, params, rng, x_init):  # pylint: disable=arguments-differ
+    return self.jitted(params, rng, x_init, self.operand)
+
+  def lower(self, params, rng, x_init):  # pylint: disable=arguments-differ
+    return self.jitted.lower(params, rng, x_init, self.operand)
+
+
 def default_path(policy: policies.Policy) -> str:
   return 'soft' if policy.soft else 'segments'
 
 
 def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: int, *,
-                    path: str | None = None, mesh: Mesh | None = None) -> SampleProgram:
+                    path: str | None = None, mesh: Mesh | None = None,
+                    start_step: int | None = None) -> SampleProgram:
   """One jitted program sampling ``batch_size`` images under ``policy``.
 
   With a ``mesh`` the batch is sharded over its 'batch' axis and params are replicated.
+  ``start_step=i0`` gives a `PartialSampleProgram` running steps i0..S-1 from a given x
+  (i0 = 0 included: the whole sampler from a given x_T); None, the default, the full sampler
+  from its own Gaussian draw.
   """
   path = path or default_path(policy)
   if path not in PATHS:
@@ -231,9 +300,15 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
   if policy.soft != (path == 'soft'):
     raise ValueError(f"policy {policy.kind!r} ({'soft' if policy.soft else 'hard'}) cannot use path "
                      f"{path!r}: soft gates need path='soft', hard policies 'segments' or 'cond'")
+  first = 0 if start_step is None else int(start_step)
+  if start_step is not None:
+    solver = solver.starting_at(first)
   k = model.num_units
-  masks = policy.step_masks(solver.timesteps, solver.num_original_timesteps, k)
-  segments = policies.segments_from_masks(masks)
+  # Masks of every step (the traced operand is indexed by the absolute step), then those run.
+  all_masks = policy.step_masks(solver.timesteps, solver.num_original_timesteps, k)
+  masks = all_masks[first:]
+  segments = [policies.Segment(s.start + first, s.stop + first, s.keep)
+              for s in policies.segments_from_masks(masks)]
   mc = cost_lib.model_cost(model)
   shape = (batch_size,) + tuple(model.input.shape)
   if mesh is not None and batch_size % mesh.devices.size:
@@ -248,12 +323,8 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
     eps = model.apply({'params': params}, x, t, gates=gates_arg)
     return solver.update(i, state, eps, jax.random.fold_in(rng, i))
 
-  def run(params, rng, mask_matrix):
-    init_key, rng = jax.random.split(rng)
-    x = jax.random.normal(init_key, shape, jnp.float32)
-    if x_sharding is not None:
-      x = jax.lax.with_sharding_constraint(x, x_sharding)
-    state = solver.init_state(x)
+  def steps(params, rng, state, mask_matrix):
+    """Steps ``first``..S-1 from ``state`` (step noise keys fold_in(rng, i))."""
     if path == 'segments':
       for seg in segments:
         mask = gating.StaticMask(seg.keep)
@@ -261,23 +332,42 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
         state = jax.lax.fori_loop(seg.start, seg.stop, body, state)
     elif path == 'cond':
       state = jax.lax.fori_loop(
-          0, solver.num_steps,
+          first, solver.num_steps,
           lambda i, s: step(params, rng, i, s, gating.CondMask(mask_matrix[i])), state)
     else:
       state = jax.lax.fori_loop(
-          0, solver.num_steps,
+          first, solver.num_steps,
           lambda i, s: step(params, rng, i, s, gating.SoftGates(mask_matrix[i])),
           state)
     return state[0]
 
+  def constrain(x):
+    return jax.lax.with_sharding_constraint(x, x_sharding) if x_sharding is not None else x
+
+  def run(params, rng, mask_matrix):
+    init_key, rng = jax.random.split(rng)
+    x = constrain(jax.random.normal(init_key, shape, jnp.float32))
+    return steps(params, rng, solver.init_state(x), mask_matrix)
+
+  def run_from(params, rng, x_init, mask_matrix):
+    # The same split as `run`, so that the step keys are those of the full program.
+    _, rng = jax.random.split(rng)
+    if tuple(x_init.shape) != shape:
+      raise ValueError(f'x_init has shape {tuple(x_init.shape)}; this program runs {shape}')
+    x = constrain(jnp.asarray(x_init, jnp.float32))
+    return steps(params, rng, solver.init_state(x), mask_matrix)
+
   if path == 'segments':
     operand = jnp.zeros((0,), bool)  # masks are baked into the program
   elif path == 'cond':
-    operand = jnp.asarray(masks)
+    operand = jnp.asarray(all_masks)
   else:
     # SoftGates blends each unit by sigmoid(logit) = g_k(t).
     operand = jnp.asarray(policy.step_logits(solver.timesteps, solver.num_original_timesteps, k))
-  jitted = jax.jit(run, out_shardings=x_sharding) if x_sharding is not None else jax.jit(run)
-  return SampleProgram(jitted, operand, path, policy, masks, segments,
-                       policies.executed_block_ratio(masks), mc.flop_fraction(masks), batch_size,
-                       solver.describe())
+  fn = run if start_step is None else run_from
+  jitted = jax.jit(fn, out_shardings=x_sharding) if x_sharding is not None else jax.jit(fn)
+  fields = (jitted, operand, path, policy, masks, segments, policies.executed_block_ratio(masks),
+            mc.flop_fraction(masks), batch_size, solver.describe())
+  if start_step is None:
+    return SampleProgram(*fields)
+  return PartialSampleProgram(*fields, start_step=first)

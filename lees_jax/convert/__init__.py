@@ -1,4 +1,6 @@
-"""Import a diffusers ``UNet2DModel`` checkpoint (e.g. google/ddpm-cifar10-32) as a lees_jax backbone.
+"""Import a diffusers ``UNet2DModel`` checkpoint (e.g. google/ddpm-cifar10-32) or a diffusers DiT
+(``DiTTransformer2DModel``, e.g. the ``transformer/`` folder of facebook/DiT-XL-2-256) as a lees_jax
+backbone.
 
 Usage:
   python -m lees_jax.convert --source=google/ddpm-cifar10-32 --out=checkpoints/ddpm-cifar10-32
@@ -6,26 +8,29 @@ Usage:
 
 ``--source`` is a local directory holding ``config.json`` and
 ``diffusion_pytorch_model.safetensors`` (preferred) or ``diffusion_pytorch_model.bin``
-(directly or in a ``unet/`` sub-folder, as in a pipeline snapshot), or a Hugging Face Hub id
-whose files are downloaded with ``huggingface_hub.hf_hub_download``. A ``scheduler_config.json``
-next to them (or in ``scheduler/``) supplies the diffusion schedule; without one the DDPM
-linear schedule (1e-4 -> 0.02, T = 1000) is recorded.
+(directly or in a ``unet/`` or ``transformer/`` sub-folder, as in a pipeline snapshot), or a
+Hugging Face Hub id whose files are downloaded with ``huggingface_hub.hf_hub_download``. A
+``scheduler_config.json`` next to them (or in ``scheduler/``) supplies the diffusion schedule;
+without one the DDPM linear schedule (1e-4 -> 0.02, T = 1000) is recorded.
 
 Nothing here imports torch or diffusers: ``.safetensors`` are read with safetensors' numpy API,
 ``.bin`` with the code-free reader `lees_jax.torch_archive`. The conversion is strict: the
-diffusers architecture config must be one our `UNetSpec` represents exactly (every unsupported
-field is reported), and every tensor must map one-to-one onto our parameter tree with the right
-shape (every missing, unexpected or wrongly shaped tensor is reported). The output is written
-with `checkpoints.save_backbone`, atomically: a failed conversion leaves nothing at ``--out``.
+diffusers architecture config must be one our `UNetSpec` / `DiTSpec` represents exactly (every
+unsupported field is reported), and every tensor must map one-to-one onto our parameter tree
+with the right shape (every missing, unexpected or wrongly shaped tensor is reported). The
+output is written with `checkpoints.save_backbone`, atomically: a failed conversion leaves
+nothing at ``--out``.
 
 The package is split by concern, so that importers of other architectures reuse what is not
 specific to one: `sources` finds and reads a source (local directory or Hub, safetensors / .bin,
-fingerprints), `diffusers_unet` maps the UNet2DModel config and tensors onto our UNet,
-`diffusers_scheduler` maps the scheduler config onto `config.diffusion`, `errors` holds the
-errors they share, ``__main__`` the command line. This module orchestrates one conversion and
+fingerprints), `diffusers_unet` maps the UNet2DModel config and tensors onto our UNet and
+`diffusers_dit` the DiTTransformer2DModel ones onto our DiT, `diffusers_scheduler` maps the
+scheduler config onto `config.diffusion`, `errors` holds the errors they share, ``__main__``
+the command line. This module orchestrates one conversion and
 re-exports the public names, so ``convert.<name>`` works whichever module defines it.
 
-Public API: `convert`, `diffusers_to_params`, `model_config_from_diffusers`,
+Public API: `convert`, `diffusers_to_params`, `model_config_from_diffusers` (the UNet's; the
+DiT's are `diffusers_dit.diffusers_to_params` and `diffusers_dit.model_config_from_diffusers`),
 `diffusion_config_from_scheduler`, `read_state_dict`, `ConversionError`, `SourceUnavailableError`.
 """
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import os
 
+from lees_jax.convert import diffusers_dit
 from lees_jax.convert.diffusers_scheduler import (
     SCHEDULER_DEFAULTS,
     SUPPORTED_VARIANCE_TYPES,
@@ -74,7 +80,11 @@ __all__ = [
 
 
 def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | None = None) -> str:
-  """Converts a diffusers UNet2DModel (local directory or Hub id) into a backbone at ``out``.
+  """Converts a diffusers UNet2DModel or DiT (local directory or Hub id) into a backbone at ``out``.
+
+  The config's ``_class_name`` says which: a ``DiTTransformer2DModel`` (or ``Transformer2DModel``
+  with ``norm_type='ada_norm_zero'``) goes through `diffusers_dit`, anything else through
+  `diffusers_unet` (which refuses what is not a UNet2DModel). ``dropout`` is the UNet's only.
 
   Returns the absolute backbone directory, loadable with `lees_jax.load_backbone`. Raises
   `ConversionError` (a ValueError; `SourceUnavailableError` when files cannot be found or
@@ -103,23 +113,37 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
 
   diffusers_config = _read_json(files['config'])
   scheduler_config = _read_json(files['scheduler']) if files['scheduler'] else None
-  # Check the architecture before reading ~140 MB of weights.
-  model_config_from_diffusers(diffusers_config, dropout=dropout)
+  # The architecture is the config's `_class_name`: a DiT, or else (the default) a UNet2DModel.
+  # It is checked before the weights (~140 MB for the UNet, ~3 GB for DiT-XL/2) are read.
+  is_dit = diffusers_dit.is_dit_config(diffusers_config)
+  if is_dit and dropout is not None:
+    raise ConversionError('dropout is a setting of the DDPM UNet; a DiT has none (its training '
+                          'label dropout is config.model.class_dropout_prob)')
+  if is_dit:
+    diffusers_dit.model_config_from_diffusers(diffusers_config)
+  else:
+    model_config_from_diffusers(diffusers_config, dropout=dropout)
   diffusion_config = diffusion_config_from_scheduler(scheduler_config)
   state_dict = read_state_dict(files['weights'])
-  _, attention_names = normalize_names(state_dict)
   source_dtypes = _dtype_counts(state_dict)
-  model_config, params = diffusers_to_params(state_dict, diffusers_config, dropout=dropout)
+  if is_dit:
+    model_config, params = diffusers_dit.diffusers_to_params(state_dict, diffusers_config)
+    known = set(diffusers_dit.DIFFUSERS_DEFAULTS) | set(diffusers_dit.LEGACY_OFF)
+    specific = dict(model_output='eps_variance' if model_config.learn_sigma else 'eps')
+  else:
+    _, attention_names = normalize_names(state_dict)
+    model_config, params = diffusers_to_params(state_dict, diffusers_config, dropout=dropout)
+    known = set(DIFFUSERS_DEFAULTS)
+    specific = dict(attention_names=attention_names)
   del state_dict
 
-  ignored = sorted(k for k in diffusers_config
-                   if not k.startswith('_') and k not in DIFFUSERS_DEFAULTS)
+  ignored = sorted(k for k in diffusers_config if not k.startswith('_') and k not in known)
   metadata = dict(
       source=source_desc,
       source_revision=_revision(files['weights']),
       source_files={k: (os.path.basename(v) if v else None) for k, v in files.items()},
       weights_sha256=_sha256(files['weights']),
-      attention_names=attention_names,
+      **specific,
       diffusers_config=diffusers_config,
       scheduler_config=scheduler_config,
       diffusion_from=('scheduler_config.json' if scheduler_config is not None

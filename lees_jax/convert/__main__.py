@@ -15,7 +15,8 @@ from lees_jax.convert.sources import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m lees_jax.convert',
-      description='Import a diffusers UNet2DModel checkpoint (e.g. google/ddpm-cifar10-32) as a '
+      description='Import a diffusers UNet2DModel checkpoint (e.g. google/ddpm-cifar10-32) or a '
+                  'diffusers DiT (e.g. the transformer/ folder of facebook/DiT-XL-2-256) as a '
                   'lees_jax backbone directory (load it with lees_jax.load_backbone).')
   parser.add_argument('--source', required=True,
                       help='Hugging Face Hub id (e.g. google/ddpm-cifar10-32) or a local directory '
@@ -34,15 +35,23 @@ def main(argv=None) -> int:
   with open(os.path.join(directory, 'backbone.json')) as f:
     meta = json.load(f)
   m = meta['model']
-  print(f'wrote {directory}: {meta["num_params"]:,} parameters, ch={m["ch"]}, '
-        f'ch_mult={tuple(m["ch_mult"])}, attn_resolutions={tuple(m["attn_resolutions"])}, '
-        f'from {meta["source"]} ({meta["source_files"]["weights"]}, {meta["attention_names"]} '
-        f'attention names); diffusion: {meta["diffusion"]}')
+  if m['name'] == 'dit':
+    print(f'wrote {directory}: {meta["num_params"]:,} parameters, DiT hidden_size={m["hidden_size"]}, '
+          f'depth={m["depth"]}, num_heads={m["num_heads"]}, patch_size={m["patch_size"]}, '
+          f'input_size={m["input_size"]}, num_classes={m["num_classes"]}, output '
+          f'{meta["model_output"]}, from {meta["source"]} ({meta["source_files"]["weights"]}); '
+          f'diffusion: {meta["diffusion"]}')
+  else:
+    print(f'wrote {directory}: {meta["num_params"]:,} parameters, ch={m["ch"]}, '
+          f'ch_mult={tuple(m["ch_mult"])}, attn_resolutions={tuple(m["attn_resolutions"])}, '
+          f'from {meta["source"]} ({meta["source_files"]["weights"]}, {meta["attention_names"]} '
+          f'attention names); diffusion: {meta["diffusion"]}')
   print(f'note: the source scheduler samples with variance_type={meta["variance_type"]!r} '
         f'({meta["variance_type_from"]}); lees_jax\'s DDPM sampler uses config.sampler.variance '
         "(default 'fixed_large', the paper's)")
   if meta['ignored_config_keys']:
-    print(f'note: config.json keys not used by diffusers\' UNet2DModel were ignored: '
+    model_class = 'DiTTransformer2DModel' if m['name'] == 'dit' else 'UNet2DModel'
+    print(f'note: config.json keys not used by diffusers\' {model_class} were ignored: '
           f'{meta["ignored_config_keys"]}')
   print(f'load it with: model, params = lees_jax.load_backbone({directory!r})')
   return 0

@@ -19,13 +19,15 @@ import numpy as np
 
 from lees_jax.convert.errors import ConversionError, SourceUnavailableError
 
-# The file layout of a diffusers model directory (or of its unet/ and scheduler/ sub-folders in
-# a pipeline snapshot).
+# The file layout of a diffusers model directory (or of its unet/ or transformer/ and
+# scheduler/ sub-folders in a pipeline snapshot).
 CONFIG_FILE = 'config.json'
 SAFETENSORS_FILE = 'diffusion_pytorch_model.safetensors'
 BIN_FILE = 'diffusion_pytorch_model.bin'
 SCHEDULER_FILE = 'scheduler_config.json'
 HUB_URL = 'https://huggingface.co'
+# Where a pipeline snapshot keeps its denoising network: unet/ (DDPM), transformer/ (DiT).
+MODEL_SUBFOLDERS = ('unet', 'transformer')
 
 
 def _dtype_counts(state_dict: Mapping[str, Any]) -> dict[str, int]:
@@ -108,11 +110,14 @@ def _read_json(path: str) -> dict:
 
 
 def _local_files(source: str) -> dict[str, str | None]:
-  """config / weights / scheduler paths inside a local directory (or its unet/ sub-folder)."""
+  """config / weights / scheduler paths inside a local directory (or its unet/ or transformer/
+  sub-folder)."""
   base = source
-  if not os.path.isfile(os.path.join(source, CONFIG_FILE)) and os.path.isfile(
-      os.path.join(source, 'unet', CONFIG_FILE)):
-    base = os.path.join(source, 'unet')  # a pipeline snapshot: model files under unet/
+  if not os.path.isfile(os.path.join(source, CONFIG_FILE)):
+    for sub in MODEL_SUBFOLDERS:  # a pipeline snapshot: model files under unet/ or transformer/
+      if os.path.isfile(os.path.join(source, sub, CONFIG_FILE)):
+        base = os.path.join(source, sub)
+        break
   weights = None
   for name in (SAFETENSORS_FILE, BIN_FILE):
     if os.path.isfile(os.path.join(base, name)):
@@ -129,7 +134,7 @@ def _local_files(source: str) -> dict[str, str | None]:
         f'from {HUB_URL}/google/ddpm-cifar10-32.')
   candidates = [os.path.join(base, SCHEDULER_FILE), os.path.join(source, SCHEDULER_FILE),
                 os.path.join(source, 'scheduler', SCHEDULER_FILE)]
-  if os.path.basename(os.path.normpath(source)) == 'unet':
+  if os.path.basename(os.path.normpath(source)) in MODEL_SUBFOLDERS:
     parent = os.path.dirname(os.path.normpath(source))
     candidates += [os.path.join(parent, SCHEDULER_FILE),
                    os.path.join(parent, 'scheduler', SCHEDULER_FILE)]
@@ -145,8 +150,8 @@ def _looks_like_hub_id(source: str) -> bool:
 def _offline_help(repo: str, out: str) -> str:
   return (f'To convert without a network: download {CONFIG_FILE} and {SAFETENSORS_FILE} (or '
           f'{BIN_FILE}), and optionally {SCHEDULER_FILE}, from {HUB_URL}/{repo} (the "Files and '
-          f'versions" tab; from its unet/ and scheduler/ folders if it has them) into a directory '
-          f'D, then run: python -m lees_jax.convert --source=D --out={out}')
+          f'versions" tab; from its unet/ or transformer/ and scheduler/ folders if it has them) '
+          f'into a directory D, then run: python -m lees_jax.convert --source=D --out={out}')
 
 
 def _hub_files(repo: str, out: str) -> dict[str, str | None]:
@@ -175,7 +180,7 @@ def _hub_files(repo: str, out: str) -> dict[str, str | None]:
     return huggingface_hub.hf_hub_download(repo, filename, subfolder=subfolder)
 
   config = subfolder = None
-  for sub in (None, 'unet'):
+  for sub in (None,) + MODEL_SUBFOLDERS:
     try:
       config = download(CONFIG_FILE, sub)
       subfolder = sub
@@ -184,8 +189,8 @@ def _hub_files(repo: str, out: str) -> dict[str, str | None]:
       if not absent_on_hub(e):
         fail(e)
   if config is None:
-    raise SourceUnavailableError(f'{HUB_URL}/{repo} has no {CONFIG_FILE} (at its root or in unet/); '
-                                 'is it a diffusers UNet2DModel repository?')
+    raise SourceUnavailableError(f'{HUB_URL}/{repo} has no {CONFIG_FILE} (at its root, in unet/ or '
+                                 'in transformer/); is it a diffusers UNet2DModel or DiT repository?')
   weights = None
   for name in (SAFETENSORS_FILE, BIN_FILE):
     try:

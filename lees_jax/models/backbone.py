@@ -67,10 +67,17 @@ class ClassConditioning:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """A registered backbone: how to build its module from ``config.model``."""
+  """A registered backbone: how to build its module from ``config.model``.
+
+  ``spec_from_config`` gives the family's frozen architecture dataclass (validating it): two
+  configs describe the same network iff their specs are equal once ``training_fields``
+  (settings of training such as dropout, not of the network) are set aside.
+  """
   name: str
   build: Callable[[Any, Any], Any]  # (model_config, compute dtype) -> Flax module
   description: str
+  spec_from_config: Callable[[Any], Any]  # model_config -> frozen spec dataclass
+  training_fields: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Family] = {}
@@ -94,13 +101,34 @@ def compute_dtype(name: str):
   return _DTYPES[name]
 
 
+def family(name: str) -> Family:
+  if name not in _REGISTRY:
+    raise ValueError(f'unknown config.model.name {name!r}; registered backbones: '
+                     f'{", ".join(names())}')
+  return _REGISTRY[name]
+
+
 def build_model(model_config, dtype: str | None = None):
   """The backbone ``config.model`` names (compute dtype overridable, e.g. for sampling)."""
-  family = _REGISTRY.get(model_config.name)
-  if family is None:
-    raise ValueError(f'unknown config.model.name {model_config.name!r}; registered backbones: '
-                     f'{", ".join(names())}')
-  return family.build(model_config, compute_dtype(dtype or model_config.get('dtype', 'float32')))
+  return family(model_config.name).build(
+      model_config, compute_dtype(dtype or model_config.get('dtype', 'float32')))
+
+
+def spec_from_config(model_config):
+  """The validated architecture spec of ``config.model`` (its family's ``spec_from_config``)."""
+  return family(model_config.name).spec_from_config(model_config)
+
+
+def architecture_differences(want_config, have_config) -> list[tuple[str, Any, Any]]:
+  """(field, have, want) for every field whose value differs between the networks of two
+  configs, training settings aside ([] if they are the same network); a different family is
+  the one difference ('name', ...)."""
+  if want_config.name != have_config.name:
+    return [('name', have_config.name, want_config.name)]
+  fam = family(want_config.name)
+  want, have = fam.spec_from_config(want_config), fam.spec_from_config(have_config)
+  return [(f.name, getattr(have, f.name), getattr(want, f.name)) for f in dataclasses.fields(want)
+          if f.name not in fam.training_fields and getattr(have, f.name) != getattr(want, f.name)]
 
 
 def init_params(model, rng, batch_size: int = 1):

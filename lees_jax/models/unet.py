@@ -288,4 +288,5 @@ def _build(model_config, dtype) -> UNet:
 
 
 backbone.register(backbone.Family(
-    'ddpm_unet', _build, 'the DDPM UNet of Ho et al. (2020), e.g. google/ddpm-cifar10-32'))
+    'ddpm_unet', _build, 'the DDPM UNet of Ho et al. (2020), e.g. google/ddpm-cifar10-32',
+    spec_from_config=UNetSpec.from_config, training_fields=('dropout',)))
