@@ -211,6 +211,7 @@ def summarize(workdir: str, config=None) -> dict:
       'ttests_vs_main': ttests, 'training': training,
       'cells_finished': len(results), 'failed_cells': sorted(load_cell_errors(workdir)),
       'run': {k: first.get(k) for k in ('num_samples', 'reference', 'reference_count', 'sampler',
+                                         'sampler_description', 'sampler_variance',
                                          'steps', 'device', 'num_devices', 'dtype',
                                          'latency_batch', 'fid_method')},
   }

@@ -199,7 +199,12 @@ class Evaluator:
     images = generate(program, params, int(num_samples), int(seed), resolved.name)
     stats = self.fid.compute_statistics(images, extractor=self.extractor)
     fid_value = self.fid.fid_from_statistics(stats, ref_stats, method=self.fid_method)
-    rec = dict(policy=resolved.name, seed=int(seed), sampler=self.solver.name, steps=self.solver.num_steps,
+    rec = dict(policy=resolved.name, seed=int(seed), sampler=self.solver.name,
+               sampler_description=self.solver.describe(), steps=self.solver.num_steps,
+               # DDPM: its variance; DDIM: its eta (what the literature's FIDs are keyed by)
+               sampler_variance=(self.solver.variance if self.solver.variance is not None else
+                                 float(self.config.sampler.eta) if self.solver.name == 'ddim'
+                                 else None),
                num_samples=int(num_samples), fid=fid_value, block_ratio=program.block_ratio,
                flop_fraction=program.flop_fraction, path=program.path, segments=len(program.segments),
                reference=reference, reference_count=ref_stats.count,

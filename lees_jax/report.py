@@ -42,6 +42,21 @@ PAPER_MAIN = {
     'A3 random': {'fid': 'worse than baselines', 'latency': 'worse than baselines', 'blocks': None,
                   'speedup': None},
 }
+# The full DDPM CIFAR-10 model's FID in the literature for the samplers we run (DDIM paper,
+# Song et al. 2021, Table 1, S = 50 steps; DDPM paper, Ho et al. 2020, 1000 steps), approximate:
+# what B1 should reach with 50k-sample FID. The LEES paper's 3.05 at "50 DDPM steps" matches none.
+LITERATURE_FULL_FID = {
+    ('ddpm', 'fixed_large', 50): '≈ 33 (DDIM Table 1, σ̂, 50 steps)',
+    ('ddpm', 'fixed_small', 50): '≈ 8 (DDIM Table 1, η = 1, 50 steps)',
+    ('ddim', 0.0, 50): '≈ 4.7 (DDIM Table 1, η = 0, 50 steps)',
+    ('ddpm', 'fixed_large', 1000): '3.17 (Ho et al. 2020, 1000 steps)',
+}
+
+
+def literature_fid(sampler: str | None, variance_or_eta, steps: int | None) -> str:
+  return LITERATURE_FULL_FID.get((sampler, variance_or_eta, steps), 'not tabulated here')
+
+
 PAPER_DELTA_FID = {'B1 full': '+1.50', 'B2 ASE-default': '+1.89', 'LEES λ=0.05': '+1.55'}
 PAPER_OVERHEAD = ('52 min gate training on CIFAR-10 (one RTX-3090), "< 5 % of the cost of one '
                   'backbone fine-tuning epoch"; KL between successive checkpoints < 0.05 after 60 % '
@@ -107,7 +122,9 @@ def write_report(workdir: str) -> str:
       ['samples per cell (FID)', run.get('num_samples')],
       ['FID reference', f'{run.get("reference")} ({run.get("reference_count")} images)'],
       ['seeds (planned / with results)', f'{run.get("seeds")} / {seeds_done}'],
-      ['sampler', f'{run.get("sampler")}, {run.get("steps")} steps'],
+      ['sampler', run.get('sampler_description') or f'{run.get("sampler")}, {run.get("steps")} steps'],
+      ['full-model FID in the literature for this sampler (CIFAR-10)',
+       literature_fid(run.get('sampler'), run.get('sampler_variance'), run.get('steps'))],
       ['latency', f'median wall time of one batch of {run.get("latency_batch")}, scaled to 100 images; '
                   f'{run.get("device")} × {run.get("num_devices")}, {run.get("dtype")}'],
       ['Fréchet distance', run.get('fid_method')],

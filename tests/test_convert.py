@@ -252,7 +252,7 @@ def test_full_size_ddpm_cifar10_matches_diffusers(full_size):
   assert meta['diffusion'] == {k: paper.diffusion[k] for k in meta['diffusion']}
   assert meta['source'] == os.path.abspath(src) and meta['attention_names'] == 'old'
   assert meta['num_params'] == 35_746_307 and meta['scheduler_config'] == DDPM_SCHEDULER_CONFIG
-  # The Hub's scheduler samples with fixed_small; our default sampler uses fixed_large.
+  # The Hub's scheduler samples with fixed_small, our default sampler too.
   assert meta['variance_type'] == 'fixed_small' and meta['source_dtypes'] == {'float32': len(ref.state_dict())}
 
   model, params = lees_jax.load_backbone(out)

@@ -66,7 +66,8 @@ def _tiny_study(backbone):
   c.sampler.update(steps=2, batch_size=4)
   c.eval.update(num_samples=4, latency_batch=4, fid_batch_size=4, reference_split='test[:8]')
   c.ase.update(grid_starts=(2,), grid_finals=(2 / 7, 4 / 7), grid_num_samples=4)
-  c.experiment.update(lams=(0.05,), seeds=(0,), ablations=('soft', 'soft_trained', 'random'),
+  c.experiment.update(lams=(0.05,), flop_weighted_lams=(), ase_finetuned=False, seeds=(0,),
+                      ablations=('soft', 'soft_trained', 'random'),
                       robustness=True,
                       corruptions=('fog',), robustness_reference_size=8, fid_method='svd',
                       overhead_steps=1, sample_grid=4)

@@ -50,7 +50,8 @@ def outputs(tmp_path_factory, compile_cache):
   out['ase_finetune_params_sha256'] = _digest(ase_params)
   lees = evaluate.resolve_policy(f'lees:{gates_dir}', model).policy
   out['gates_alpha'], out['gates_beta'] = np.asarray(lees.alpha), np.asarray(lees.beta)
-  config = tiny_config(mode='evaluate')
+  # The saved samples use the DDPM variance that was the default then (now fixed_small).
+  config = tiny_config(mode='evaluate', **{'sampler.variance': 'fixed_large'})
   solver = samplers.solver_from_config(config.diffusion, config.sampler)
   for spec, path in POLICIES:
     policy = evaluate.resolve_policy(spec.format(gates=gates_dir), model).policy

@@ -65,6 +65,8 @@ def _fabricate(workdir):
                  unit_names=UNITS, num_timesteps=1000, timesteps=TIMESTEPS,
                  masks=np.ones((len(TIMESTEPS), len(UNITS)), int).tolist(),
                  num_samples=100, reference='cifar10/train', reference_count=500, sampler='ddpm',
+                 sampler_description='ddpm, 3 steps, variance fixed_small',
+                 sampler_variance='fixed_small',
                  steps=len(TIMESTEPS), device='cpu', num_devices=1, dtype='float32',
                  latency_batch=100, fid_method='sqrtm')
       if kind == 'lees':
@@ -218,3 +220,13 @@ def test_ase_schedules_as_run(built):
   (cols,) = rows['D4']
   assert cols == ['28 28 26 24 20 18 12 10 8 8', '28 28 26 24 20 18 12 12 12 12 (of 28)', 'yes',
                   '70.7%', '65.4%']
+
+
+def test_run_table_names_the_sampler_and_its_literature_fid(built):
+  _, md = built
+  rows = _table(md, '## Run size')
+  assert rows['sampler'] == [['ddpm, 3 steps, variance fixed_small']]
+  # 3 steps is not tabulated; the 50-step DDPM values are.
+  assert rows['full-model FID in the literature for this sampler (CIFAR-10)'] == [['not tabulated here']]
+  assert report.literature_fid('ddpm', 'fixed_small', 50).startswith('≈ 8')
+  assert report.literature_fid('ddpm', 'fixed_large', 50).startswith('≈ 33')

@@ -343,13 +343,15 @@ def test_ddpm_variances_by_hand():
 def test_solver_from_config_variance(tiny_model):
   from configs import cifar10
   c = cifar10.get_config('tiny')
-  assert samplers.solver_from_config(c.diffusion, c.sampler).variance == 'fixed_large'
+  # The default is the posterior variance (README: which "50 DDPM steps").
+  assert samplers.solver_from_config(c.diffusion, c.sampler).variance == 'fixed_small'
+  assert cifar10.get_config('paper').sampler.variance == 'fixed_small'
   sampler = c.sampler.to_dict()
-  sampler['variance'] = 'fixed_small'
+  sampler['variance'] = 'fixed_large'
   import ml_collections
   solver = samplers.solver_from_config(c.diffusion, ml_collections.ConfigDict(sampler))
-  assert solver.variance == 'fixed_small'
-  assert solver.describe() == f'ddpm, {c.sampler.steps} steps, variance fixed_small'
+  assert solver.variance == 'fixed_large'
+  assert solver.describe() == f'ddpm, {c.sampler.steps} steps, variance fixed_large'
   # The compiled program says which sampler (and variance) it runs (compile_sampler only traces
   # lazily: nothing is compiled here).
   prog = samplers.compile_sampler(tiny_model[0], solver, policies.FullPolicy(), 2)

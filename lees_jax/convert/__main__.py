@@ -48,7 +48,7 @@ def main(argv=None) -> int:
           f'attention names); diffusion: {meta["diffusion"]}')
   print(f'note: the source scheduler samples with variance_type={meta["variance_type"]!r} '
         f'({meta["variance_type_from"]}); lees_jax\'s DDPM sampler uses config.sampler.variance '
-        "(default 'fixed_large', the paper's)")
+        "(default 'fixed_small')")
   if meta['ignored_config_keys']:
     model_class = 'DiTTransformer2DModel' if m['name'] == 'dit' else 'UNet2DModel'
     print(f'note: config.json keys not used by diffusers\' {model_class} were ignored: '
