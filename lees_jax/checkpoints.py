@@ -86,10 +86,13 @@ def save_backbone(directory: str, params, model_config, *, diffusion_config=None
 
 
 def find_backbone_dir(path: str) -> str:
-  """``path`` itself if it is a backbone directory, else ``path/backbone``."""
+  """``path`` itself if it is a backbone directory, else ``path/backbone`` (a local path made
+  absolute: orbax restores only from absolute paths)."""
   if not path:
     raise BackboneError('no backbone given: set config.backbone '
                         'to a directory written by `python -m lees_jax.convert` or a pretrain workdir')
+  if not files.is_remote(path):
+    path = os.path.abspath(path)
   for cand in (path, os.path.join(path, 'backbone')):
     if files.isfile(files.join(cand, META_FILE)):
       return cand

@@ -123,16 +123,16 @@ def test_study_end_to_end_kill_restart_failure_report(tiny_backbone, tmp_path, m
     real_policy_spec = experiment._Runner.policy_spec
 
     def bad_policy(self, cell, cdir, extra):
-      if cell.id == 'a3_random_s0':
+      if cell.id == 'a1t_soft_trained_s0':
         return 'ase:D9'
       return real_policy_spec(self, cell, cdir, extra)
 
     monkeypatch.setattr(experiment._Runner, 'policy_spec', bad_policy)
-    with pytest.raises(experiment.CellsFailed, match='a3_random_s0'):
+    with pytest.raises(experiment.CellsFailed, match='a1t_soft_trained_s0'):
       experiment.experiment(c, w)
-    assert 'unknown ASE schedule' in open(os.path.join(experiment.cell_dir(w, 'a3_random_s0'),
+    assert 'unknown ASE schedule' in open(os.path.join(experiment.cell_dir(w, 'a1t_soft_trained_s0'),
                                                        experiment.ERROR_FILE)).read()
-    assert {i for i in ids if not os.path.isfile(result(i))} == {'a3_random_s0'}
+    assert {i for i in ids if not os.path.isfile(result(i))} == {'a1t_soft_trained_s0'}
     assert {ids[1]: open(result(ids[1])).read()} == before  # not redone
     # The half-written result was kept aside, its cell run again: every cell but the finished
     # ids[1] and the failing one ran, plus the two grid points.
@@ -148,15 +148,15 @@ def test_study_end_to_end_kill_restart_failure_report(tiny_backbone, tmp_path, m
     assert got['step'] == ref['gates']['step'] == 4
     assert got['alpha'] == ref['gates']['alpha'] and got['beta'] == ref['gates']['beta']
     report_md = open(os.path.join(w, 'report', 'report.md')).read()
-    assert 'a3_random_s0' in report_md  # listed as failed
+    assert 'a1t_soft_trained_s0' in report_md  # listed as failed
 
     # 3. Fixed: only the failed cell runs.
     monkeypatch.setattr(experiment._Runner, 'policy_spec', real_policy_spec)
     runs.clear()
     summary = experiment.experiment(c, w)
-  assert [seed for _, seed in runs] == [0] and runs[0][0].startswith('random_')
+  assert runs == [('a1t_soft_trained_s0', 0)]
   assert summary['failed_cells'] == [] and summary['cells_finished'] == 7
-  assert not os.path.exists(os.path.join(experiment.cell_dir(w, 'a3_random_s0'),
+  assert not os.path.exists(os.path.join(experiment.cell_dir(w, 'a1t_soft_trained_s0'),
                                          experiment.ERROR_FILE))
 
   schedules = json.load(open(os.path.join(w, 'experiment', 'ase_schedules.json')))

@@ -599,3 +599,6 @@ def test_relative_workdir(tmp_path, monkeypatch, compile_cache):
   main_lib.run_mode(config, 'rel/w')
   assert sorted(os.listdir(tmp_path / 'rel' / 'w' / 'checkpoints' / 'pretrain')) == ['1', '2']
   assert (tmp_path / 'rel' / 'w' / 'backbone' / 'backbone.json').is_file()
+  # ... and a relative backbone path (the README's --config.backbone=workdirs/pretrain) loads.
+  _, params = checkpoints.load_backbone_params('rel/w')
+  assert jax.tree_util.tree_leaves(params)

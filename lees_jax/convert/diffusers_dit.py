@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from lees_jax.convert.errors import ConversionError
+from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 # Defaults of DiTTransformer2DModel.__init__ (diffusers 0.42): what an absent key means.
 DIFFUSERS_DEFAULTS: dict[str, Any] = dict(
@@ -227,19 +227,9 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
                    f'{fixed.shape} our DiT adds')
   unexpected = sorted(set(state_dict) - used)
   if missing or wrong or copies or unexpected:
-    parts = []
-    if missing:
-      parts.append(f'{len(missing)} missing tensor(s):\n    ' + '\n    '.join(missing))
-    if unexpected:
-      parts.append(f'{len(unexpected)} unexpected tensor(s):\n    ' + '\n    '.join(
-          f'{n} (shape {tuple(np.shape(state_dict[n]))})' for n in unexpected))
-    if wrong:
-      parts.append(f'{len(wrong)} tensor(s) with the wrong shape or dtype, or non-finite values:'
-                   '\n    ' + '\n    '.join(wrong))
-    if copies:
-      parts.append(f'{len(copies)} embedding copies that differ:\n    ' + '\n    '.join(copies))
-    raise ConversionError(
-        f'the checkpoint does not match the DiT its config describes (hidden_size '
-        f'{spec.hidden_size}, depth {spec.depth}, patch {spec.patch_size}, input '
-        f'{spec.input_size}, {spec.num_classes} classes):\n  ' + '\n  '.join(parts))
+    raise tensor_mismatch(
+        f'DiT (hidden_size {spec.hidden_size}, depth {spec.depth}, patch {spec.patch_size}, '
+        f'input {spec.input_size}, {spec.num_classes} classes)',
+        missing=missing, wrong=wrong, extra=[('embedding copies that differ', copies)],
+        unexpected=[f'{n} (shape {tuple(np.shape(state_dict[n]))})' for n in unexpected])
   return model_config, traverse_util.unflatten_dict(flat)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from lees_jax.convert.errors import ConversionError
+from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 # Defaults of diffusers' UNet2DModel.__init__ (diffusers 0.42): a key absent from config.json
 # means diffusers builds the model with these, so they are checked like explicit values.
@@ -340,18 +340,11 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
     flat[path] = converted
   unexpected = sorted(set(tensors) - used)
   if missing or wrong or unexpected:
-    parts = []
-    if missing:
-      parts.append(f'{len(missing)} missing tensor(s):\n    ' + '\n    '.join(missing))
-    if unexpected:
-      parts.append(f'{len(unexpected)} unexpected tensor(s):\n    ' + '\n    '.join(
-          f'{shown(n)} (shape {tuple(np.shape(tensors[n]))})' for n in unexpected))
-    if wrong:
-      parts.append(f'{len(wrong)} tensor(s) with the wrong shape or dtype, or non-finite values:'
-                   '\n    ' + '\n    '.join(wrong))
-    raise ConversionError(
-        f'the checkpoint does not match the UNet its config describes (ch={model_config.ch}, '
-        f'ch_mult={tuple(model_config.ch_mult)}, num_res_blocks={model_config.num_res_blocks}, '
-        f'attn_resolutions={tuple(model_config.attn_resolutions)}):\n  ' + '\n  '.join(parts))
+    raise tensor_mismatch(
+        f'UNet (ch={model_config.ch}, ch_mult={tuple(model_config.ch_mult)}, '
+        f'num_res_blocks={model_config.num_res_blocks}, '
+        f'attn_resolutions={tuple(model_config.attn_resolutions)})',
+        missing=missing, wrong=wrong,
+        unexpected=[f'{shown(n)} (shape {tuple(np.shape(tensors[n]))})' for n in unexpected])
   params = traverse_util.unflatten_dict(flat)
   return model_config, params
