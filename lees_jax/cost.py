@@ -60,13 +60,13 @@ def model_cost(model) -> ModelCost:
 
 def xla_flops(model, params, keep=None, batch_size: int = 1) -> float:
   """XLA's FLOP count of one forward pass per image (optionally under a static mask)."""
-  inputs = [jax.ShapeDtypeStruct((batch_size,) + tuple(model.input.shape), np.float32),
-            jax.ShapeDtypeStruct((batch_size,), np.int32)]
-  if model.conditioning is not None:  # class labels (their values do not change the count)
-    inputs.append(jax.ShapeDtypeStruct((batch_size,), np.int32))
+  x = jax.ShapeDtypeStruct((batch_size,) + tuple(model.input.shape), np.float32)
+  t = jax.ShapeDtypeStruct((batch_size,), np.int32)
+  # Class labels for a conditional backbone (their values do not change the count).
+  y = None if model.conditioning is None else jax.ShapeDtypeStruct((batch_size,), np.int32)
   mask = None if keep is None else gating.StaticMask(tuple(keep))
-  fn = jax.jit(lambda p, *inputs: model.apply({'params': p}, *inputs, gates=mask))
-  analysis = fn.lower(params, *inputs).compile().cost_analysis()
+  fn = jax.jit(lambda p, x, t, y: backbone.call(model, p, x, t, y, gates=mask))
+  analysis = fn.lower(params, x, t, y).compile().cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older JAX returns one dict per device
     analysis = analysis[0]
   return float(analysis['flops']) / batch_size

@@ -1,7 +1,9 @@
 """Input pipelines: CIFAR-10 through TFDS or the shipped real-CIFAR-10 subset; device sharding.
 
 Two datasets, one interface (`train_iterator`), both yielding this process's part of each
-global batch as ``{'image': float32 (local_batch, 32, 32, 3) in [-1, 1]}``:
+global batch as ``{'image': float32 (local_batch, 32, 32, 3) in [-1, 1], 'label': int32
+(local_batch,)}`` (the class labels a conditional backbone trains on; an unconditional one never
+reads them, and the images do not depend on them):
 
 * ``config.data.dataset='cifar10'`` -- ``tfds.load`` with a per-process split
   (`tfds.split_for_jax_process`), seeded file and example shuffling, optional random
@@ -157,7 +159,7 @@ def _subset_flips(seed: int, step: int, global_batch_size: int) -> np.ndarray:
 
 def _subset_iterator(data_config, split, global_batch_size, seed, start_step, random_flip,
                      process_index, process_count) -> Iterator[dict[str, np.ndarray]]:
-  images, _ = load_subset(split, data_config.get('subset_path', ''))
+  images, labels = load_subset(split, data_config.get('subset_path', ''))
   if images.shape[0] < 1:
     raise ValueError(f'split {split!r} of {SUBSET} is empty')
   rows = process_rows(global_batch_size, process_index, process_count)
@@ -168,7 +170,7 @@ def _subset_iterator(data_config, split, global_batch_size, seed, start_step, ra
     if random_flip:
       flip = _subset_flips(seed, step, global_batch_size)[rows]
       x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
-    yield {'image': to_model_range(x)}
+    yield {'image': to_model_range(x), 'label': labels[idx].astype(np.int32)}
     step += 1
 
 
@@ -184,7 +186,11 @@ def _tfds_iterator(data_config, split, global_batch_size, seed, start_step, rand
                                              process_count=process_count)
   ds = builder.as_dataset(split=process_split, shuffle_files=True,
                           read_config=tfds.ReadConfig(shuffle_seed=seed))
-  ds = ds.map(lambda ex: ex['image'], num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  # (image, label): the label rides along through shuffling and flips (a dataset without
+  # labels gets -1), so the image stream is that of the images alone.
+  ds = ds.map(lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32) if 'label' in ex
+                          else tf.constant(-1, tf.int32)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if data_config.shuffle_buffer > 1:
     ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.repeat().enumerate()
@@ -192,11 +198,12 @@ def _tfds_iterator(data_config, split, global_batch_size, seed, start_step, rand
     ds = ds.skip(start_step * local)
   flip_seed = np.int64(seed) * 1000 + process_index  # distinct streams per process
 
-  def prepare(i, image):
+  def prepare(i, example):
+    image, label = example
     x = tf.cast(image, tf.float32) / 127.5 - 1.0
     if random_flip:
       x = tf.image.stateless_random_flip_left_right(x, seed=tf.stack([flip_seed, i]))
-    return {'image': x}
+    return {'image': x, 'label': label}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

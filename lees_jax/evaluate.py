@@ -179,7 +179,9 @@ class Evaluator:
 
   def program(self, policy: policies.Policy, batch_size: int) -> samplers.SampleProgram:
     path = 'soft' if policy.soft else self.config.sampler.path
-    return samplers.compile_sampler(self.model, self.solver, policy, batch_size, path=path, mesh=self.mesh)
+    guidance = samplers.guidance_from_config(self.config.sampler)  # 1 (none) unless configured
+    return samplers.compile_sampler(self.model, self.solver, policy, batch_size, path=path,
+                                    mesh=self.mesh, **guidance)
 
   def run(self, resolved: ResolvedPolicy, seed: int, num_samples: int, *,
           program: samplers.SampleProgram | None = None, time_it: bool = True,

@@ -7,10 +7,10 @@ from lees_jax.models import dit  # noqa: F401  (registers 'dit')
 from lees_jax.models import unet  # noqa: F401  (registers 'ddpm_unet')
 from lees_jax.models.backbone import (ClassConditioning, InputSpec, Unit, architecture_differences,
                                       build_model, compute_dtype, count_params, init_params, names,
-                                      spec_from_config)
+                                      predict_eps, spec_from_config)
 from lees_jax.models.dit import DiT, DiTSpec, dit_size
 from lees_jax.models.unet import UNet, UNetSpec
 
 __all__ = ['ClassConditioning', 'DiT', 'DiTSpec', 'InputSpec', 'UNet', 'UNetSpec', 'Unit',
            'architecture_differences', 'build_model', 'compute_dtype', 'count_params', 'dit_size',
-           'init_params', 'names', 'spec_from_config']
+           'init_params', 'names', 'predict_eps', 'spec_from_config']

@@ -12,6 +12,9 @@ rest of the package reads -- and nothing else is read:
 * ``output``: ``'eps'`` or ``'eps_variance'`` (epsilon plus a learned variance);
 * ``init_params(rng)``: the full parameter tree.
 
+`predict_eps` is the one place that calls a backbone for epsilon (samplers, objectives): it
+passes the labels only to a conditional backbone and splits an ``'eps_variance'`` output.
+
 Unit k of a forward pass runs through the gate form (``lees_jax.gates``): the backbone passes
 the unit's call and its skip and never looks at the form. Cost accounting (`lees_jax.cost`),
 the samplers, ASE schedules, training objectives, evaluation and ``describe`` go through this
@@ -139,6 +142,50 @@ def init_params(model, rng, batch_size: int = 1):
     return model.init({'params': rng}, x, t)['params']
   y = jnp.full((batch_size,), model.conditioning.null_class, jnp.int32)
   return model.init({'params': rng}, x, t, y)['params']
+
+
+OUTPUTS = ('eps', 'eps_variance')
+
+
+def _inputs(model, x, t, y):
+  """(x, t) for an unconditional backbone, (x, t, y) for a conditional one (y required)."""
+  if model.conditioning is None:
+    if y is not None:
+      raise ValueError(f'{type(model).__name__} is unconditional (conditioning None) but class '
+                       'labels were given')
+    return (x, t)
+  if y is None:
+    raise ValueError(f'{type(model).__name__} is class-conditional: give labels y in '
+                     f'[0, {model.conditioning.num_classes}] ({model.conditioning.null_class} '
+                     'is the null class)')
+  return (x, t, y)
+
+
+def call(model, params, x, t, y=None, *, gates=None, train: bool = False, rngs=None):
+  """The backbone's raw output (B, H, W, C or 2C): ``model.apply`` with y passed only when the
+  model is conditional. `predict_eps` splits it; FLOP counts (`lees_jax.cost`) read this."""
+  return model.apply({'params': params}, *_inputs(model, x, t, y), gates=gates, train=train,
+                     rngs=rngs)
+
+
+def predict_eps(model, params, x, t, y=None, *, gates=None, train: bool = False, rngs=None):
+  """(eps, v): the backbone's epsilon prediction and, for ``model.output == 'eps_variance'``,
+  its variance interpolation v in [-1, 1] (improved DDPM's learned range; None for 'eps').
+
+  Channels [:C] of an 'eps_variance' output are epsilon and [C:] are v, C = the input's
+  channels (REFERENCE §9). An 'eps' output is returned as it is (no copy, no slice), so callers
+  of an epsilon-only backbone compute exactly ``model.apply``'s result.
+  """
+  out = call(model, params, x, t, y, gates=gates, train=train, rngs=rngs)
+  if model.output == 'eps':
+    return out, None
+  if model.output != 'eps_variance':
+    raise ValueError(f'unknown backbone output {model.output!r}; expected one of {OUTPUTS}')
+  c = model.input.shape[-1]
+  if out.shape[-1] != 2 * c:
+    raise ValueError(f"an 'eps_variance' backbone must output 2 x {c} channels, got "
+                     f'{out.shape[-1]}')
+  return out[..., :c], out[..., c:]
 
 
 def count_params(params) -> int:

@@ -10,8 +10,8 @@ name to it. A new objective is one more such function and one entry here.
 
 from lees_jax.objectives.ase_finetune import (ASE_REWEIGHTS, ASE_SCHEDULE_FILE, ase_objective,
                                               ase_time_weight, load_ase_finetuned)
-from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, draw_t_noise, merge, num_steps,
-                                      partition, sampler_timesteps)
+from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, batch_labels, draw_t_noise, merge,
+                                      num_steps, partition, sampler_timesteps)
 from lees_jax.objectives.lees_gates import GATES_FILE, gate_loss_fn, gates_objective
 from lees_jax.objectives.pretrain import pretrain_objective
 
@@ -19,6 +19,6 @@ OBJECTIVES = {'pretrain': pretrain_objective, 'train_gates': gates_objective,
               'ase_finetune': ase_objective}
 
 __all__ = ['ASE_REWEIGHTS', 'ASE_SCHEDULE_FILE', 'CHECKPOINT_DIR', 'GATES_FILE', 'OBJECTIVES',
-           'Objective', 'ase_objective', 'ase_time_weight', 'draw_t_noise', 'gate_loss_fn',
-           'gates_objective', 'load_ase_finetuned', 'merge', 'num_steps', 'partition',
+           'Objective', 'ase_objective', 'ase_time_weight', 'batch_labels', 'draw_t_noise',
+           'gate_loss_fn', 'gates_objective', 'load_ase_finetuned', 'merge', 'num_steps', 'partition',
            'pretrain_objective', 'sampler_timesteps']

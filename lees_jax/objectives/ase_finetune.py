@@ -23,8 +23,9 @@ from lees_jax import files
 from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
-from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, draw_t_noise, merge,
-                                      num_steps, partition, sampler_timesteps)
+from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, batch_labels,
+                                      draw_t_noise, merge, num_steps, partition,
+                                      sampler_timesteps)
 
 ASE_SCHEDULE_FILE = 'ase_schedule.json'
 ASE_REWEIGHTS = ('none', 'paper')
@@ -73,6 +74,17 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   ``config.ase_ft.freeze_time_embedding`` the temb_dense_* layers are frozen (not in the
   trainable partition, never updated). ``backbone`` params replace config.backbone
   (tests, benchmarks).
+
+  A class-conditional backbone (DiT) is trained on the batch's labels in train mode, i.e. with
+  its own label dropout to the null class (``config.model.class_dropout_prob``), as ASE's
+  released DiT fine-tuning does (DiT's training script, ``model.train()`` "enables embedding
+  dropout for classifier-free guidance"): guided sampling runs the null-class half under the
+  same schedule, so it is fine-tuned too. ``config.model.class_dropout_prob=0`` keeps every
+  label as given (a training field: the backbone still loads). A backbone with a learned
+  variance (output 'eps_variance') is trained on the eps-MSE only (ASE's release adds the
+  variational-bound term, not implemented here): the variance outputs of the last layer get
+  no gradient (with weight decay 0 their weights stay as loaded), while the layers they share
+  with epsilon are fine-tuned.
   """
   ac = config.ase_ft
   if ac.reweight not in ASE_REWEIGHTS:
@@ -107,9 +119,9 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
     t, noise = draw_t_noise(rng, x0, T)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     keep = jnp.asarray(keep_table)[t]  # (B, K)
-    eps = model.apply({'params': merge(trainable, frozen)}, x_t, t,
-                      gates=gating.ExampleMask(keep), train=True,
-                      rngs={'dropout': jax.random.fold_in(rng, 2)})
+    eps, _ = models.predict_eps(model, merge(trainable, frozen), x_t, t, batch_labels(model, batch),
+                                gates=gating.ExampleMask(keep), train=True,
+                                rngs={'dropout': jax.random.fold_in(rng, 2)})
     per_example = diffusion.eps_mse(eps, noise)
     lam = ase_time_weight(t, T, step, reweight, coef, rw_steps)
     loss = jnp.mean(lam * per_example)

@@ -7,7 +7,8 @@ An `Objective` says what is trained and how (`lees_jax.train` owns the loop):
   updated by the optimiser and kept in the optimiser state;
 * ``frozen`` -- everything else the loss reads (e.g. the backbone); passed through
   ``jax.lax.stop_gradient`` and never updated or checkpointed by the loop;
-* ``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)``;
+* ``loss_fn(trainable, frozen, batch, rng) -> (loss, metrics)``; ``batch['image']`` and, for
+  a class-conditional backbone, ``batch['label']`` (`batch_labels`);
 * host-side hooks for extra scalars, images and the final export.
 
 An objective that trains part of a parameter tree splits it with `partition` / `merge`.
@@ -81,6 +82,17 @@ def draw_t_noise(rng: jax.Array, x0: jax.Array, num_timesteps: int):
   t = jax.random.randint(k_t, (x0.shape[0],), 0, num_timesteps)
   noise = jax.random.normal(k_n, x0.shape, jnp.float32)
   return t, noise
+
+
+def batch_labels(model, batch: dict):
+  """The class labels a conditional backbone is trained on (``batch['label']``, int32), None
+  for an unconditional one (whose batches may carry labels it never reads)."""
+  if model.conditioning is None:
+    return None
+  if 'label' not in batch:
+    raise ValueError(f'{type(model).__name__} is class-conditional but the batch has no '
+                     f"'label' (keys: {sorted(batch)}): the dataset must provide labels")
+  return jnp.asarray(batch['label'], jnp.int32)
 
 
 def num_steps(section, data_config) -> int:

@@ -1,6 +1,11 @@
 """LEES gate training (the paper's method): only the 2K gate scalars (alpha_k, beta_k) are
 trained, with Adam, on the eps-MSE of the gated frozen backbone plus lam * E_t[mean_k g_k(t)].
 
+A class-conditional backbone (DiT) is called with the batch's labels as given (no label
+dropout: the backbone is frozen and in eval mode). For a backbone with a learned variance
+(output 'eps_variance') the loss is the eps-MSE only: the variance head is frozen with the rest
+of the backbone, and the gates are trained on what they change in epsilon.
+
 Hard gates run unit k when g_k(t) > 0.5 with a straight-through gradient
 (`gates.StraightThrough`); soft gates blend (`gates.SoftGates`). The run ends by writing
 ``<workdir>/gates.json``: the parameters, the hard masks on the configured sampler's own
@@ -21,7 +26,8 @@ from lees_jax import files
 from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
-from lees_jax.objectives.base import Objective, Pytree, draw_t_noise, num_steps, sampler_timesteps
+from lees_jax.objectives.base import (Objective, Pytree, batch_labels, draw_t_noise, num_steps,
+                                      sampler_timesteps)
 
 GATES_FILE = policies.GATES_FILE
 
@@ -51,7 +57,7 @@ def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool,
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     logits = policies.gate_logits(gate_params, policies.normalized_time(t, T))  # (B, K)
     form = gating.StraightThrough(logits) if hard else gating.SoftGates(logits)
-    eps = model.apply({'params': backbone}, x_t, t, gates=form, train=False)
+    eps, _ = models.predict_eps(model, backbone, x_t, t, batch_labels(model, batch), gates=form)
     mse = diffusion.eps_mse(eps, noise).mean()
     gate_mean = jax.nn.sigmoid(logits).mean()
     if regularizer == 'mean':

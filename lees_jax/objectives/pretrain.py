@@ -1,5 +1,11 @@
 """DDPM backbone pretraining (Ho et al. 2020): eps-prediction on the whole network.
 
+A class-conditional backbone (DiT) is trained on the batch's labels, each replaced by the null
+class with the backbone's own label-dropout probability (DiT: ``config.model.class_dropout_prob``,
+drawn from the 'dropout' rng in train mode), so that it learns the unconditional prediction
+classifier-free guidance needs. A backbone with a learned variance is refused: its variance
+needs the variational-bound term of improved DDPM's hybrid loss, which is not implemented.
+
 Exports the EMA parameters to ``<workdir>/backbone`` (`lees_jax.checkpoints`).
 """
 
@@ -12,13 +18,21 @@ from lees_jax import checkpoints
 from lees_jax import diffusion
 from lees_jax import files
 from lees_jax import models
-from lees_jax.objectives.base import CHECKPOINT_DIR, Objective, draw_t_noise, num_steps
+from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, batch_labels, draw_t_noise,
+                                      num_steps)
 
 
 def pretrain_objective(config) -> Objective:
-  """DDPM eps-prediction on the whole UNet: Adam, linear warm-up, clipping, EMA, dropout."""
+  """DDPM eps-prediction on the whole backbone: Adam, linear warm-up, clipping, EMA, dropout
+  (and label dropout for a conditional backbone)."""
   pc = config.pretrain
   model = models.build_model(config.model)
+  if model.output != 'eps':
+    raise ValueError(
+        f'pretraining a backbone with output {model.output!r} (a learned variance) needs the '
+        "variational-bound loss of improved DDPM, which lees_jax does not implement; pretrain an "
+        'epsilon-only network (config.model.learn_sigma=False) or import a pretrained one '
+        '(python -m lees_jax.convert)')
   schedule = diffusion.schedule_from_config(config.diffusion)
   T = schedule.num_steps
   lr = optax.linear_schedule(0.0, pc.learning_rate, max(1, pc.warmup_steps)) \
@@ -34,8 +48,8 @@ def pretrain_objective(config) -> Objective:
     x0 = batch['image']
     t, noise = draw_t_noise(rng, x0, T)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
-    eps = model.apply({'params': params}, x_t, t, train=True,
-                      rngs={'dropout': jax.random.fold_in(rng, 2)})
+    eps, _ = models.predict_eps(model, params, x_t, t, batch_labels(model, batch), train=True,
+                                rngs={'dropout': jax.random.fold_in(rng, 2)})
     mse = diffusion.eps_mse(eps, noise).mean()
     return mse, {'mse': mse}
 
