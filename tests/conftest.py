@@ -95,6 +95,24 @@ def tiny_config(**overrides):
 # --- models and backbones --------------------------------------------------------------------
 
 
+def diffusers_dit_reference(config, seed=0):
+  """diffusers' DiTTransformer2DModel (the DiT oracle, CPU torch) with random weights, biases
+  non-zero, the per-block timestep/label embeddings tied (a real checkpoint holds one embedding;
+  our importer refuses copies that differ)."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  ref = diffusers.DiTTransformer2DModel(**config).eval()
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if name.endswith('bias'):
+        p.normal_(0.0, 0.3)
+    for block in ref.transformer_blocks[1:]:
+      block.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
+  return ref
+
+
+
 def scale_residual_branches(params, units, weights):
   """Oracle for every gate form, written without gating code: the ungated model whose unit k has
   its residual branch's last layer (ResBlock conv2, attention proj_out) scaled by weights[k].

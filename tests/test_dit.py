@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch')
+from conftest import diffusers_dit_reference as _reference  # noqa: E402
 diffusers = pytest.importorskip('diffusers')
 
 import lees_jax  # noqa: E402
@@ -42,17 +43,6 @@ TINY_EPS = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
-def _reference(config, seed=0):
-  """diffusers' DiT with random weights, biases non-zero, the per-block embeddings tied."""
-  torch.manual_seed(seed)
-  ref = diffusers.DiTTransformer2DModel(**config).eval()
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if name.endswith('bias'):
-        p.normal_(0.0, 0.3)
-    for block in ref.transformer_blocks[1:]:
-      block.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
-  return ref
 
 
 def _full_config(ref):

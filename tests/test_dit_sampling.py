@@ -31,7 +31,7 @@ import pytest
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
-from conftest import tiny_config  # noqa: E402
+from conftest import diffusers_dit_reference as _reference, tiny_config  # noqa: E402
 from lees_jax import data, diffusion, models, objectives, policies, samplers, train  # noqa: E402
 from lees_jax import gates as gating  # noqa: E402
 from lees_jax.convert import diffusers_dit  # noqa: E402
@@ -46,18 +46,6 @@ B = len(LABELS)
 GUIDED_RTOL = 1e-5  # of max |x|; measured <= 1.1e-6 (module docstring)
 
 
-def _reference(config, seed=0):
-  """diffusers' DiT with random weights, biases non-zero, the per-block embeddings tied (a real
-  checkpoint holds one embedding; see tests/test_dit.py)."""
-  torch.manual_seed(seed)
-  ref = diffusers.DiTTransformer2DModel(**config).eval()
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if name.endswith('bias'):
-        p.normal_(0.0, 0.3)
-    for block in ref.transformer_blocks[1:]:
-      block.norm1.emb.load_state_dict(ref.transformer_blocks[0].norm1.emb.state_dict())
-  return ref
 
 
 @pytest.fixture(scope='module')
