@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from lees_jax.convert import layout
 from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 # Defaults of DiTTransformer2DModel.__init__ (diffusers 0.42): what an absent key means.
@@ -148,21 +149,6 @@ def diffusers_name(path: tuple[str, ...]) -> str:
   raise AssertionError(f'no diffusers name for parameter {"/".join(path)}')
 
 
-def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
-  if leaf == 'kernel' and len(flax_shape) == 4:  # HWIO -> OIHW
-    h, w, i, o = flax_shape
-    return (o, i, h, w)
-  if leaf == 'kernel':  # (in, out) -> (out, in)
-    return flax_shape[::-1]
-  return tuple(flax_shape)  # biases; the embedding table is (rows, width) in both
-
-
-def _to_flax(array: np.ndarray, leaf: str) -> np.ndarray:
-  if leaf == 'kernel':
-    array = array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
-  return np.ascontiguousarray(array, dtype=np.float32)
-
-
 def _check_embedding_copies(tensors: Mapping[str, Any], depth: int, problems: list, used: set):
   """Every block's copy of the timestep / label embedding must equal block 0's (imported)."""
   for name in sorted(tensors):
@@ -202,7 +188,7 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
   missing, wrong, copies = [], [], []
   for path, leaf in sorted(traverse_util.flatten_dict(abstract).items()):
     name, ours = diffusers_name(path), '/'.join(path)
-    want = _torch_shape(tuple(leaf.shape), path[-1])
+    want = layout.torch_shape(tuple(leaf.shape), path[-1])
     if name not in state_dict:
       missing.append(f'{name} (shape {want}, for {ours})')
       continue
@@ -212,7 +198,7 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
       wrong.append(f'{name}: shape {tuple(array.shape)}, expected {want} (for {ours})')
     elif not np.issubdtype(array.dtype, np.floating) and array.dtype.name != 'bfloat16':
       wrong.append(f'{name}: dtype {array.dtype}, expected a floating-point tensor (for {ours})')
-    elif not np.isfinite(converted := _to_flax(array, path[-1])).all():
+    elif not np.isfinite(converted := layout.to_flax(array, path[-1])).all():
       wrong.append(f'{name}: {int((~np.isfinite(converted)).sum())} non-finite value(s) of '
                    f'{converted.size} (for {ours})')
     else:

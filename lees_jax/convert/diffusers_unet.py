@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from lees_jax.convert import layout
 from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 # Defaults of diffusers' UNet2DModel.__init__ (diffusers 0.42): a key absent from config.json
@@ -257,23 +258,6 @@ def diffusers_name(path: tuple[str, ...], levels: int) -> str:
   raise AssertionError(f'no diffusers name for parameter {"/".join(path)}')
 
 
-def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
-  if leaf == 'kernel' and len(flax_shape) == 4:  # HWIO -> OIHW
-    h, w, i, o = flax_shape
-    return (o, i, h, w)
-  if leaf == 'kernel' and len(flax_shape) == 2:  # (in, out) -> (out, in)
-    return flax_shape[::-1]
-  return tuple(flax_shape)
-
-
-def _to_flax(array: np.ndarray, leaf: str) -> np.ndarray:
-  if leaf == 'kernel' and array.ndim == 4:
-    array = array.transpose(2, 3, 1, 0)
-  elif leaf == 'kernel' and array.ndim == 2:
-    array = array.T
-  return np.ascontiguousarray(array, dtype=np.float32)
-
-
 def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping[str, Any], *,
                         dropout: float | None = None):
   """Maps a diffusers UNet2DModel state dict onto our parameter tree.
@@ -313,7 +297,7 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
   missing, wrong = [], []
   for path, leaf in sorted(expected.items()):
     name = diffusers_name(path, levels)
-    want = _torch_shape(tuple(leaf.shape), path[-1])
+    want = layout.torch_shape(tuple(leaf.shape), path[-1])
     ours = '/'.join(path)
     if name not in tensors:
       alias = f' (old name {_old_form(name)})' if scheme == 'old' and _old_form(name) != name else ''
@@ -329,7 +313,7 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
                    f'(for {ours})')
       continue
     # float16 / bfloat16 / float64 are converted to float32 (exact for the half types).
-    converted = _to_flax(array, path[-1])
+    converted = layout.to_flax(array, path[-1])
     finite = np.isfinite(converted)
     if not finite.all():
       n_nan = int(np.isnan(converted).sum())
