@@ -228,5 +228,6 @@ def test_run_table_names_the_sampler_and_its_literature_fid(built):
   assert rows['sampler'] == [['ddpm, 3 steps, variance fixed_small']]
   # 3 steps is not tabulated; the 50-step DDPM values are.
   assert rows['full-model FID in the literature for this sampler (CIFAR-10)'] == [['not tabulated here']]
-  assert report.literature_fid('ddpm', 'fixed_small', 50).startswith('≈ 8')
-  assert report.literature_fid('ddpm', 'fixed_large', 50).startswith('≈ 33')
+  assert report.literature_fid('ddpm', 'fixed_large', 50).startswith('32.72')
+  assert report.literature_fid('ddpm', 'fixed_small', 50).startswith('8.01')
+  assert report.literature_fid('ddim', 0.0, 50).startswith('4.67')
