@@ -1,6 +1,7 @@
 """The SD VAE (`lees_jax.models.vae`) and its importer against diffusers' AutoencoderKL (oracle:
 random weights on CPU torch, fp32)."""
 
+import functools
 import re
 
 import jax
@@ -64,12 +65,18 @@ def state_dict_np(model):
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope='module', params=sorted(CASES))
-def case(request):
-  config, size = CASES[request.param]
+@functools.lru_cache(maxsize=None)
+def imported(name):
+  """(name, config, image size, diffusers model, our model, our imported params) of a case."""
+  config, size = CASES[name]
   torch_model = diffusers_vae_model(config)
   model_config, params = diffusers_vae.diffusers_to_params(state_dict_np(torch_model), config)
-  return request.param, config, size, torch_model, vae.build_vae(model_config), params
+  return name, config, size, torch_model, vae.build_vae(model_config), params
+
+
+@pytest.fixture(scope='module', params=sorted(CASES))
+def case(request):
+  return imported(request.param)
 
 
 def test_oracle(case):
@@ -94,8 +101,8 @@ def test_oracle(case):
   assert np.abs(want_image).max() > 0.1 and np.abs(want_mean).max() > 0.1  # not degenerate
 
 
-def test_convenience_functions(case):
-  _, config, size, torch_model, model, params = case
+def test_convenience_functions():  # one case: they only wrap encode / decode
+  _, config, size, torch_model, model, params = imported('two_levels')
   rng = np.random.default_rng(2)
   images = rng.integers(0, 256, (2, size, size, 3), dtype=np.uint8)
   scaled = vae.latents_from_images(model, params, images)
@@ -123,7 +130,8 @@ def test_convenience_functions(case):
 
 def test_legacy_attention_names_import_the_same():
   config, _ = CASES['two_levels']
-  sd = state_dict_np(diffusers_vae_model(config))
+  torch_model = diffusers_vae_model(config)
+  sd = state_dict_np(torch_model)
   legacy = {}
   for k, v in sd.items():
     for new, old in (('to_q', 'query'), ('to_k', 'key'), ('to_v', 'value'),
@@ -131,6 +139,8 @@ def test_legacy_attention_names_import_the_same():
       k = k.replace(f'attentions.0.{new}.', f'attentions.0.{old}.')
     legacy[k] = v
   assert 'encoder.mid_block.attentions.0.proj_attn.weight' in legacy
+  # these are the names diffusers' own loader renames (from_pretrained of an old file)
+  assert set(torch_model._fix_state_dict_keys_on_load(dict(legacy))) == set(sd)
   assert diffusers_vae.attention_names(legacy) == 'old'
   assert diffusers_vae.attention_names(sd) == 'new'
   _, new_params = diffusers_vae.diffusers_to_params(sd, config)

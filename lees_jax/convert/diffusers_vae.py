@@ -76,7 +76,7 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_colle
                     ('up_block_types', 'UpDecoderBlock2D')):
     types = get(key)
     if not isinstance(types, (list, tuple)) or any(t != kind for t in types):
-      bad(key, f'only {kind!r} blocks are supported')
+      bad(key, f'only a list of {kind!r} blocks (one per level) is supported')
     elif levels is not None and len(types) != levels:
       bad(key, f'{len(types)} entries, but block_out_channels has {levels}: one {kind} per level '
                'is supported')
@@ -100,7 +100,7 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]) -> ml_colle
   try:
     spec = vae.VAESpec(**fields)
   except ValueError as e:  # names the fields (positive ints, group divisibility, bools, ...)
-    problems.append(str(e).removeprefix('invalid VAE architecture: '))
+    problems.extend(str(e).removeprefix('invalid VAE architecture: ').split('; '))
     spec = None
   if problems:
     raise ConversionError("unsupported diffusers AutoencoderKL config; lees_jax's VAE cannot "
@@ -117,8 +117,8 @@ _ATTN = {'norm': 'group_norm', 'q': 'to_q', 'k': 'to_k', 'v': 'to_v', 'proj_out'
 
 
 def diffusers_name(path: tuple[str, ...]) -> str:
-  """The diffusers tensor name of our parameter at ``path``, e.g.
-  ('encoder', 'down_1', 'downsample', 'conv', 'kernel') -> 'encoder.down_blocks.1.downsamplers.0.conv.weight'."""
+  """The diffusers tensor name of our parameter at ``path``, e.g. ('encoder', 'down_1',
+  'downsample', 'conv', 'kernel') -> 'encoder.down_blocks.1.downsamplers.0.conv.weight'."""
   *modules, leaf = path
   out = []
   for m in modules:

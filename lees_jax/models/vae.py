@@ -34,7 +34,7 @@ Parameter names (ours -> diffusers ``AutoencoderKL`` state dict; ``kernel``/``sc
   encoder/down_{i}/downsample/conv    encoder.down_blocks.{i}.downsamplers.0.conv
   {encoder,decoder}/mid/res_{0,1}     {encoder,decoder}.mid_block.resnets.{0,1}
   {encoder,decoder}/mid/attn/{norm,q,k,v,proj_out}
-                                      ….mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}
+                                    ….mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}
   {encoder,decoder}/norm_out          {encoder,decoder}.conv_norm_out
   {encoder,decoder}/conv_out          {encoder,decoder}.conv_out
   quant_conv, post_quant_conv         quant_conv, post_quant_conv
@@ -42,8 +42,8 @@ Parameter names (ours -> diffusers ``AutoencoderKL`` state dict; ``kernel``/``sc
   decoder/up_{i}/res_{j}/…            decoder.up_blocks.{i}.resnets.{j}.…
   decoder/up_{i}/upsample/conv        decoder.up_blocks.{i}.upsamplers.0.conv
 
-Decoder level ``up_i`` is diffusers' ``up_blocks.i``: i = 0 is the lowest resolution (widest,
-``block_out_channels[-1]``), i.e. execution order.
+Decoder level ``up_i`` is diffusers' ``up_blocks.i``: i = 0 is the lowest resolution
+(``block_out_channels[-1]`` channels), i.e. execution order.
 """
 
 from __future__ import annotations
