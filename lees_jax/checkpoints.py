@@ -5,6 +5,8 @@ A *backbone directory* holds
                      "diffusion": {...}, "source": "...", free-form metadata}
   params/        -- an orbax checkpoint of the parameter pytree.
 
+  vae/           -- a latent backbone's autoencoder (`lees_jax.autoencoder`), when it has one.
+
 It is written by `convert` (from a diffusers checkpoint) and by `pretrain` (its EMA
 parameters, exported to ``<workdir>/backbone``). `load_backbone` accepts either a backbone
 directory or a workdir that contains one.
@@ -40,24 +42,26 @@ class BackboneError(ValueError):
   """A backbone checkpoint is missing, corrupt or does not match what was expected."""
 
 
-def _plain(value):
+def plain(value):
+  """ConfigDicts, tuples and nested containers as plain JSON-able dicts and lists."""
   if isinstance(value, ml_collections.ConfigDict):
     value = value.to_dict()
   if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
+    return {k: plain(v) for k, v in value.items()}
   if isinstance(value, (tuple, list)):
-    return [_plain(v) for v in value]
+    return [plain(v) for v in value]
   return value
 
 
-def save_backbone(directory: str, params, model_config, *, diffusion_config=None,
-                  overwrite: bool = False, **metadata: Any) -> str:
-  """Writes ``params`` and their model config to ``directory`` atomically."""
+def save_tree(directory: str, params, meta_file: str, meta: dict, *, overwrite: bool = False,
+              before_rename=None) -> str:
+  """``params`` (orbax, ``params/``) and ``meta`` (JSON, ``meta_file``) written to ``directory``
+  atomically: into a temporary sibling, renamed into place when complete. ``before_rename(tmp)``
+  may add more to the directory first (a backbone's ``vae/``)."""
   directory = os.path.abspath(directory)
   if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f'{directory} already exists; choose another output directory or remove it '
                           'first (nothing was written)')
-  models.spec_from_config(model_config)  # validates the architecture (of its family)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.tmp-', dir=parent)
@@ -66,11 +70,10 @@ def save_backbone(directory: str, params, model_config, *, diffusion_config=None
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, 'params'), params)
     ckptr.wait_until_finished()
-    meta = {'format': FORMAT, 'version': VERSION, 'model': _plain(model_config),
-            'diffusion': _plain(diffusion_config) if diffusion_config is not None else None,
-            **_plain(metadata)}
-    with open(os.path.join(tmp, META_FILE), 'w') as f:
+    with open(os.path.join(tmp, meta_file), 'w') as f:
       json.dump(meta, f, indent=1)
+    if before_rename is not None:
+      before_rename(tmp)
     if os.path.exists(directory):
       old = directory + '.old'
       shutil.rmtree(old, ignore_errors=True)
@@ -83,6 +86,27 @@ def save_backbone(directory: str, params, model_config, *, diffusion_config=None
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return directory
+
+
+def save_backbone(directory: str, params, model_config, *, diffusion_config=None,
+                  overwrite: bool = False, vae=None, **metadata: Any) -> str:
+  """Writes ``params`` and their model config to ``directory`` atomically.
+
+  ``vae``: a latent backbone's autoencoder as (params, model config, metadata dict), written
+  to ``directory/vae`` in the same atomic step (`lees_jax.autoencoder`).
+  """
+  models.spec_from_config(model_config)  # validates the architecture (of its family)
+  meta = {'format': FORMAT, 'version': VERSION, 'model': plain(model_config),
+          'diffusion': plain(diffusion_config) if diffusion_config is not None else None,
+          **plain(metadata)}
+
+  def add_vae(tmp):
+    from lees_jax import autoencoder  # pylint: disable=g-import-not-at-top
+    vae_params, vae_config, vae_meta = vae
+    autoencoder.save_vae(os.path.join(tmp, autoencoder.VAE_DIR), vae_params, vae_config, **vae_meta)
+
+  return save_tree(directory, params, META_FILE, meta, overwrite=overwrite,
+                   before_rename=add_vae if vae is not None else None)
 
 
 def find_backbone_dir(path: str) -> str:
@@ -218,11 +242,16 @@ def export_backbone(workdir: str, mode: str, step: int, params, config, checkpoi
     return None
   target = files.join(workdir, 'backbone')
   local = tempfile.mkdtemp(prefix='lees_backbone_') if files.is_remote(workdir) else None
+  vae = None
+  if models.build_model(config.model).input.kind == 'latents':
+    # The export carries the VAE it was trained with, so that it samples images on its own.
+    from lees_jax import autoencoder  # pylint: disable=g-import-not-at-top
+    vae = autoencoder.load_vae(config).save_args()
   with quiet():
     path = save_backbone(
         os.path.join(local, 'backbone') if local else target, params, config.model,
-        diffusion_config=config.diffusion, overwrite=True, step=step, seed=int(config.seed),
-        params_kind='ema', **metadata)
+        diffusion_config=config.diffusion, overwrite=True, vae=vae, step=step,
+        seed=int(config.seed), params_kind='ema', **metadata)
   if local:  # gs://...: written locally (atomically), then copied up
     files.copy_tree(path, target, replace=True)
     shutil.rmtree(local, ignore_errors=True)

@@ -82,16 +82,22 @@ def describe(config, workdir: str) -> dict:
   mc = model_cost(model)
   total = mc.total_flops
   rows = []
-  print(f'{"idx":>3}  {"name":<16} {"kind":<5} {"res":>4} {"channels":>10} {"GFLOPs":>8} {"share":>7}')
+  # Column widths from the contents: names and kinds differ per backbone (DiT: 'transformer').
+  name_w = max(16, *(len(u.name) for u in mc.units))
+  kind_w = max(5, *(len(u.kind) for u in mc.units))
+  chan_w = max(10, *(len(f'{u.in_ch}->{u.out_ch}') for u in mc.units))
+  print(f'{"idx":>3}  {"name":<{name_w}} {"kind":<{kind_w}} {"res":>4} {"channels":>{chan_w}} '
+        f'{"GFLOPs":>8} {"share":>7}')
   for u in mc.units:
     rows.append({'index': u.index, 'name': u.name, 'kind': u.kind, 'position': u.position,
                  'skip': u.skip, 'ase_droppable': u.ase_droppable, 'resolution': u.resolution,
                  'in_channels': u.in_ch, 'out_channels': u.out_ch, 'gflops': u.run_flops / 1e9,
                  'skip_gflops': u.skip_flops / 1e9, 'share': u.run_flops / total})
-    print(f'{u.index:>3}  {u.name:<16} {u.kind:<5} {u.resolution:>4} {f"{u.in_ch}->{u.out_ch}":>10} '
-          f'{u.run_flops / 1e9:>8.4f} {u.run_flops / total:>7.2%}')
-  print(f'     {"always-run (stem, time embedding, resampling, head)":<44} '
-        f'{mc.always_flops / 1e9:>8.4f} {mc.always_flops / total:>7.2%}')
+    print(f'{u.index:>3}  {u.name:<{name_w}} {u.kind:<{kind_w}} {u.resolution:>4} '
+          f'{f"{u.in_ch}->{u.out_ch}":>{chan_w}} {u.run_flops / 1e9:>8.4f} {u.run_flops / total:>7.2%}')
+  label = 'always-run (what no gate skips: embeddings, resampling, head)'
+  print(f'     {label:<{name_w + kind_w + chan_w + 7}} {mc.always_flops / 1e9:>8.4f} '
+        f'{mc.always_flops / total:>7.2%}')
   print(f'gateable units: {len(mc.units)}   parameters: {params:,}   '
         f'GFLOPs per image: {total / 1e9:.3f}')
   out = {'params': params, 'total_gflops': total / 1e9, 'always_gflops': mc.always_flops / 1e9,

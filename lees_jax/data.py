@@ -1,9 +1,11 @@
-"""Input pipelines: CIFAR-10 through TFDS or the shipped real-CIFAR-10 subset; device sharding.
+"""Input pipelines: CIFAR-10 / ImageNet through TFDS, the shipped real-CIFAR-10 subset, or
+precomputed autoencoder latents (`lees_jax.latents`, when ``config.data.latents_dir`` is set:
+a latent backbone's training examples); device sharding.
 
-Two datasets, one interface (`train_iterator`), both yielding this process's part of each
-global batch as ``{'image': float32 (local_batch, 32, 32, 3) in [-1, 1], 'label': int32
-(local_batch,)}`` (the class labels a conditional backbone trains on; an unconditional one never
-reads them, and the images do not depend on them):
+One interface (`train_iterator`), yielding this process's part of each global batch as
+``{'image': float32 (local_batch, H, W, C), 'label': int32 (local_batch,)}``: images in
+[-1, 1], or a latent backbone's scaled latents (its x0); the class labels a conditional backbone
+trains on (an unconditional one never reads them, and the images do not depend on them):
 
 * ``config.data.dataset='cifar10'`` -- ``tfds.load`` with a per-process split
   (`tfds.split_for_jax_process`), seeded file and example shuffling, optional random
@@ -39,7 +41,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 BATCH_AXIS = 'batch'
 SUBSET = 'cifar10_subset'
 SUBSET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'cifar10_subset.npz')
-DATASETS = ('cifar10', SUBSET)
+IMAGENET = 'imagenet2012'
+DATASETS = ('cifar10', SUBSET, IMAGENET)
 # Used when TFDS has no metadata for a split (e.g. under tfds.testing.mock_data).
 _KNOWN_SIZES = {('cifar10', 'train'): 50_000, ('cifar10', 'test'): 10_000}
 
@@ -96,6 +99,16 @@ def load_subset(split: str = 'train', path: str = '') -> tuple[np.ndarray, np.nd
   return d[f'{key}_images'], d[f'{key}_labels']
 
 
+def _latents_dir(data_config, split: str) -> str:
+  """The latents directory that stands for ``split`` (the training split of a latent
+  backbone, `lees_jax.latents`), or '' when examples are the dataset's images."""
+  directory = data_config.get('latents_dir', '')
+  if directory and split != data_config.train_split:
+    raise ValueError(f'config.data.latents_dir holds latents of the {data_config.train_split!r} '
+                     f'split; split {split!r} has none')
+  return directory
+
+
 def _check_dataset(name: str):
   if name not in DATASETS:
     raise ValueError(f'unknown config.data.dataset {name!r}; choose one of {DATASETS}')
@@ -105,6 +118,9 @@ def num_examples(data_config, split: str | None = None) -> int:
   """Number of examples in ``split`` (default: the training split) of the configured dataset."""
   split = split or data_config.train_split
   _check_dataset(data_config.dataset)
+  if _latents_dir(data_config, split):
+    from lees_jax import latents  # pylint: disable=g-import-not-at-top
+    return len(latents.open_latents(_latents_dir(data_config, split)))
   if data_config.dataset == SUBSET:
     return int(load_subset(split, data_config.get('subset_path', ''))[0].shape[0])
   from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
@@ -226,6 +242,12 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int, start_step
   random_flip = data_config.random_flip if random_flip is None else random_flip
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
+  if _latents_dir(data_config, split):
+    from lees_jax import latents  # pylint: disable=g-import-not-at-top
+    return latents.train_iterator(_latents_dir(data_config, split),
+                                  global_batch_size=global_batch_size, seed=int(seed),
+                                  start_step=int(start_step), process_index=process_index,
+                                  process_count=process_count)
   args = (data_config, split, global_batch_size, int(seed), int(start_step), bool(random_flip),
           process_index, process_count)
   if data_config.dataset == SUBSET:
@@ -277,12 +299,58 @@ def replicate(tree: Any, mesh: Mesh):
 
 
 def split_images(data_config, split: str) -> np.ndarray:
-  """Every image of ``split`` as uint8 (N, 32, 32, 3), in dataset order (FID references)."""
+  """Every image of ``split`` as uint8 NHWC, in dataset order (FID references); cropped as
+  ``data_config.crop`` says (ImageNet: 'adm' to ``image_size``)."""
   _check_dataset(data_config.dataset)
   if data_config.dataset == SUBSET:
     images = load_subset(split, data_config.get('subset_path', ''))[0]
     return images[_split_slice(split, images.shape[0])]
+  if data_config.get('crop', 'none') != 'none':
+    return np.stack([image for image, _ in iter_examples(data_config, split)])
   return tfds_images(data_config.dataset, split, data_config.data_dir)
+
+
+def adm_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """ADM's ImageNet preprocessing (guided-diffusion's ``center_crop_arr``): halve with a box
+  filter while the short side is >= 2 * size, resize the short side to ``size`` (bicubic), crop
+  the centre ``size`` x ``size``. uint8 HWC in, uint8 (size, size, 3) out."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pil = Image.fromarray(np.asarray(image, np.uint8))
+  while min(pil.size) >= 2 * size:
+    pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
+  scale = size / min(pil.size)
+  pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
+  arr = np.asarray(pil.convert('RGB'))
+  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+  return arr[top:top + size, left:left + size]
+
+
+CROPS = ('none', 'adm')
+
+
+def iter_examples(data_config, split: str, start: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+  """(uint8 image, label) of ``split`` from example ``start`` on, in dataset order, cropped as
+  ``data_config.crop`` says ('adm': `adm_center_crop` to ``data_config.image_size``)."""
+  _check_dataset(data_config.dataset)
+  crop = data_config.get('crop', 'none')
+  if crop not in CROPS:
+    raise ValueError(f'unknown config.data.crop {crop!r}; choose one of {CROPS}')
+  size = int(data_config.get('image_size', 0))
+  prepare = (lambda im: adm_center_crop(im, size)) if crop == 'adm' else (lambda im: im)
+  if data_config.dataset == SUBSET:
+    images, labels = load_subset(split, data_config.get('subset_path', ''))
+    sl = _split_slice(split, images.shape[0])
+    for image, label in zip(images[sl][start:], labels[sl][start:]):
+      yield prepare(image), int(label)
+    return
+  from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
+  builder = data_prep.prepare(data_config.dataset, data_config.data_dir or None)
+  configure_tensorflow()
+  sub = split if not start else f'{split}[{start}:]' if '[' not in split else None
+  if sub is None:
+    raise ValueError(f'cannot resume inside the sliced split {split!r}; use a whole split')
+  for ex in builder.as_dataset(split=sub, shuffle_files=False).as_numpy_iterator():
+    yield prepare(ex['image']), int(ex.get('label', -1))
 
 
 def tfds_images(name: str, split: str, data_dir: str = '') -> np.ndarray:

@@ -124,14 +124,15 @@ def time_batch(program: samplers.SampleProgram, params, repeats: int) -> float:
 
 
 def generate(program: samplers.SampleProgram, params, num_samples: int, seed: int,
-             label: str = '') -> np.ndarray:
-  """``num_samples`` uint8 images; batch b uses the key fold_in(PRNGKey(seed), b)."""
+             label: str = '', decode=None) -> np.ndarray:
+  """``num_samples`` uint8 images; batch b uses the key fold_in(PRNGKey(seed), b).
+  ``decode``: a latent backbone's latents -> images in [-1, 1] (`autoencoder.decoder`)."""
   base = jax.random.PRNGKey(seed)
   n_batches = -(-num_samples // program.batch_size)
   out, t0 = [], time.perf_counter()
   for b in range(n_batches):
     x = program(params, jax.random.fold_in(base, b))
-    out.append(data.to_uint8(x))
+    out.append(data.to_uint8(x if decode is None else decode(x)))
     done = min((b + 1) * program.batch_size, num_samples)
     elapsed = time.perf_counter() - t0
     eta = elapsed / (b + 1) * (n_batches - b - 1)
@@ -157,6 +158,13 @@ class Evaluator:
     _, self.params = checkpoints.load_backbone_params(self.backbone_path, config.model)
     self.model = models.build_model(config.model, dtype=config.sampler.dtype)
     self.solver = samplers.solver_from_config(config.diffusion, config.sampler)
+    # A latent backbone's samples are decoded to images before FID (DiT: vae.decode(z/0.18215)).
+    self.decode = None
+    if self.model.input.kind == 'latents':
+      from lees_jax import autoencoder  # pylint: disable=g-import-not-at-top
+      vae = autoencoder.load_vae(config)
+      self.decode = autoencoder.decoder(vae.model, vae.params)
+      print(f'latent backbone: samples decoded by the VAE of {vae.meta.get("source")}')
     self.mesh = data.make_mesh() if jax.device_count() > 1 else None
     self.out_dir = out_dir
     files.makedirs(out_dir)
@@ -164,8 +172,13 @@ class Evaluator:
     self.fid_method = fid_method
     self.extractor = fid_lib.FeatureExtractor(ev.fid_weights or None, batch_size=ev.fid_batch_size)
     self._references = {}
-    self.ref_stats = self.reference_stats(ev.reference_split)
-    self.reference = f'{config.data.dataset}/{ev.reference_split}'
+    if ev.get('reference_stats'):  # a statistics file, e.g. ADM's ImageNet reference batch
+      from lees_jax.fid import reference as fid_reference  # pylint: disable=g-import-not-at-top
+      self.ref_stats = fid_reference.load_statistics(ev.reference_stats)[0]
+      self.reference = f'statistics file {ev.reference_stats}'
+    else:
+      self.ref_stats = self.reference_stats(ev.reference_split)
+      self.reference = f'{config.data.dataset}/{ev.reference_split}'
     print(f'FID reference: {self.reference}, {self.ref_stats.count} images')
 
   def reference_stats(self, split: str):
@@ -198,7 +211,7 @@ class Evaluator:
       program = self.program(policy, self.config.sampler.batch_size)
       print(f'policy {resolved.name}: path {program.path}, {len(program.segments)} segments, '
             f'executed blocks {program.block_ratio:.1%}, FLOPs {program.flop_fraction:.1%}')
-    images = generate(program, params, int(num_samples), int(seed), resolved.name)
+    images = generate(program, params, int(num_samples), int(seed), resolved.name, self.decode)
     stats = self.fid.compute_statistics(images, extractor=self.extractor)
     fid_value = self.fid.fid_from_statistics(stats, ref_stats, method=self.fid_method)
     rec = dict(policy=resolved.name, seed=int(seed), sampler=self.solver.name,

@@ -74,6 +74,7 @@ import numpy as np
 
 from lees_jax import cells
 from lees_jax import files
+from lees_jax import models
 from lees_jax import robustness
 from lees_jax import stats as stats_lib
 # The grid and its files live in `lees_jax.cells`; these names are the experiment's vocabulary.
@@ -333,6 +334,16 @@ class _Runner:
     return rec
 
 
+def _ensure_latents(config, workdir: str) -> None:
+  """A latent backbone's cells train on latents: those of config.data.latents_dir, or (when
+  it is empty) the study's own ``<workdir>/latents``, encoded now (resumable) if missing."""
+  if models.build_model(config.model).input.kind != 'latents' or config.data.latents_dir:
+    return
+  from lees_jax import latents  # pylint: disable=g-import-not-at-top
+  latents.run(config, workdir)
+  config.data.latents_dir = files.join(workdir, 'latents')
+
+
 def _cell_done(workdir: str, cell: Cell) -> bool:
   return cells.read_result(workdir, cell.id) is not None
 
@@ -358,6 +369,7 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
       from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
       for name in data_prep.config_datasets(config):  # all data first: fail before hours of work
         data_prep.prepare(name, config.data.data_dir or None)
+      _ensure_latents(config, workdir)
       runner = _Runner(config, workdir)
       overhead_path = files.join(experiment_dir(workdir), OVERHEAD_FILE)
       if ex.overhead_steps > 0 and not files.isfile(overhead_path):

@@ -25,6 +25,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 # mode -> (module, function). Every entry is implemented; see README for what each does.
 MODES = {
     'describe': ('lees_jax.cost', 'describe'),
+    'latents': ('lees_jax.latents', 'run'),
     'pretrain': ('lees_jax.train', 'pretrain'),
     'train_gates': ('lees_jax.train', 'train_gates'),
     'ase_finetune': ('lees_jax.train', 'ase_finetune'),

@@ -113,6 +113,10 @@ class Robustness:
     self.schedule = diffusion.schedule_from_config(config.diffusion)
     self.t_start = float(ex.get('robustness_t_start', DEFAULT_T_START))
     self.start_step = samplers.start_step(self.solver, self.t_start)
+    if evaluator.model.input.kind != 'pixels':
+      raise ValueError('the robustness measure noises and denoises images; a latent backbone '
+                       f'({type(evaluator.model).__name__}) would need them encoded: set '
+                       'config.experiment.robustness=False')
     injected = images is not None
     self.clean, self.corrupted = _check_inputs(images if injected else load_inputs(config),
                                                int(ex.robustness_reference_size))

@@ -24,8 +24,8 @@ from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
 from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, batch_labels,
-                                      draw_t_noise, merge, num_steps, partition,
-                                      sampler_timesteps)
+                                      check_training_data, draw_t_noise, merge, num_steps,
+                                      partition, sampler_timesteps)
 
 ASE_SCHEDULE_FILE = 'ase_schedule.json'
 ASE_REWEIGHTS = ('none', 'paper')
@@ -92,6 +92,7 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   if ac.lr_schedule not in ('constant', 'cosine'):
     raise ValueError(f"config.ase_ft.lr_schedule must be 'constant' or 'cosine', got {ac.lr_schedule!r}")
   model = models.build_model(config.model)
+  check_training_data(model, config.data)
   units = model.units
   unit_names = [u.name for u in units]
   K = len(units)

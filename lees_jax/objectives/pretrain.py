@@ -18,8 +18,8 @@ from lees_jax import checkpoints
 from lees_jax import diffusion
 from lees_jax import files
 from lees_jax import models
-from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, batch_labels, draw_t_noise,
-                                      num_steps)
+from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, batch_labels,
+                                      check_training_data, draw_t_noise, num_steps)
 
 
 def pretrain_objective(config) -> Objective:
@@ -27,6 +27,7 @@ def pretrain_objective(config) -> Objective:
   (and label dropout for a conditional backbone)."""
   pc = config.pretrain
   model = models.build_model(config.model)
+  check_training_data(model, config.data)
   if model.output != 'eps':
     raise ValueError(
         f'pretraining a backbone with output {model.output!r} (a learned variance) needs the '
