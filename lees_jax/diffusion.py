@@ -1,4 +1,5 @@
-"""Diffusion math: beta schedules, forward noising, the epsilon loss and respacing.
+"""Diffusion math: beta schedules, forward noising, respacing, the epsilon loss and improved
+DDPM's hybrid loss (epsilon-MSE + the variational bound for a learned variance).
 
 The single home of the DDPM formulas; samplers and training import them from here.
 Schedules are computed in float64 with numpy (as the reference implementations
@@ -12,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special as jsp_special
 import numpy as np
 
 
@@ -54,6 +56,20 @@ class Schedule:
   def posterior_variance(self) -> np.ndarray:
     """beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) ("fixed_small")."""
     return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+
+  @property
+  def posterior_log_variance_clipped(self) -> np.ndarray:
+    """log beta~_t with beta~_0 = 0 replaced by beta~_1 (improved-diffusion's "clipped" log);
+    a one-step process has no beta~_1 and takes log beta_0."""
+    post = self.posterior_variance
+    return np.log(np.append(post[1], post[1:]) if self.num_steps > 1 else self.betas.copy())
+
+  @property
+  def posterior_mean_coefs(self) -> tuple[np.ndarray, np.ndarray]:
+    """(c1, c2): the mean of q(x_{t-1} | x_t, x_0) is c1_t x_0 + c2_t x_t."""
+    ab, ab_prev = self.alphas_cumprod, self.alphas_cumprod_prev
+    return (self.betas * np.sqrt(ab_prev) / (1.0 - ab),
+            (1.0 - ab_prev) * np.sqrt(1.0 - self.betas) / (1.0 - ab))
 
 
 def make_schedule(num_timesteps: int = 1000, beta_schedule: str = 'linear',
@@ -129,3 +145,113 @@ def eps_mse(eps_pred: jax.Array, noise: jax.Array) -> jax.Array:
   """Per-example mean squared error between predicted and true noise, shape (batch,)."""
   diff = (eps_pred.astype(jnp.float32) - noise.astype(jnp.float32)) ** 2
   return diff.reshape(diff.shape[0], -1).mean(axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# Improved DDPM (Nichol & Dhariwal 2021): the learned-range variance and the hybrid loss.
+# ---------------------------------------------------------------------------
+
+
+def learned_range_log_variance(v, log_beta, log_posterior_variance):
+  """Improved DDPM's learned range: log sigma^2 = f log beta_t + (1 - f) log beta~_t with
+  f = (v + 1) / 2, per element (v = 1: beta_t, v = -1: beta~_t). The one copy of the formula:
+  the 'learned_range' sampler (`lees_jax.solvers`) and `vb_terms_bpd` both call it."""
+  frac = (v + 1.0) / 2.0
+  return frac * log_beta + (1.0 - frac) * log_posterior_variance
+
+
+def _expm1_minus_x(d):
+  """e^d - 1 - d, by its Taylor series for |d| < 0.1 (where the direct form cancels in float32)."""
+  series = d * d * (1 / 2 + d * (1 / 6 + d * (1 / 24 + d * (1 / 120 + d * (
+      1 / 720 + d * (1 / 5040 + d / 40320))))))  # truncation < 1e-12 relative
+  return jnp.where(jnp.abs(d) < 0.1, series, jnp.expm1(d) - d)
+
+
+def normal_kl_from_gap(mean_diff, logvar_gap, logvar2):
+  """KL(N(m1, e^lv1) || N(m2, e^lv2)) per element, in nats, from mean_diff = m1 - m2 and
+  logvar_gap = lv1 - lv2: (e^gap - 1 - gap + mean_diff^2 e^-lv2) / 2. A caller that knows the
+  differences more precisely than the two means or log-variances gives them here."""
+  return 0.5 * (_expm1_minus_x(logvar_gap) + mean_diff ** 2 * jnp.exp(-logvar2))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+  """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats (improved-diffusion's
+  ``losses.normal_kl``: (-1 + lv2 - lv1 + e^(lv1 - lv2) + (m1 - m2)^2 e^-lv2) / 2)."""
+  return normal_kl_from_gap(mean1 - mean2, logvar1 - logvar2, logvar2)
+
+
+_LOG_FLOOR = float(np.log(1e-12))  # improved-diffusion clamps every probability at 1e-12
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+  """log P(x) per element, in nats, of N(mean, e^(2 log_scale)) discretised to 256 bins of
+  width 2/255 centred on x (data in [-1, 1]); the edge bins are open (x < -0.999: (-inf,
+  x + 1/255], x > 0.999: [x - 1/255, inf)); each probability floored at 1e-12, as
+  improved-diffusion's ``losses.discretized_gaussian_log_likelihood``. The normal CDF is the
+  exact one (``ndtr``; improved-diffusion uses a tanh approximation), and a bin above the mean
+  is measured by the survival function, so that a bin in either tail keeps its precision."""
+  centered = x - mean
+  inv_std = jnp.exp(-log_scale)
+  plus_in = inv_std * (centered + 1.0 / 255.0)
+  min_in = inv_std * (centered - 1.0 / 255.0)
+  upper = min_in > 0  # the whole bin above the mean: 1 - cdf on both sides
+  prob = jnp.where(upper, jsp_special.ndtr(-min_in) - jsp_special.ndtr(-plus_in),
+                   jsp_special.ndtr(plus_in) - jsp_special.ndtr(min_in))
+  log_mid = jnp.log(jnp.maximum(prob, 1e-12))
+  log_probs = jnp.where(x < -0.999, jsp_special.log_ndtr(plus_in),
+                        jnp.where(x > 0.999, jsp_special.log_ndtr(-min_in), log_mid))
+  return jnp.maximum(log_probs, _LOG_FLOOR)
+
+
+def _mean_flat(x):
+  return x.reshape(x.shape[0], -1).mean(axis=-1)
+
+
+def vb_terms_bpd(schedule: Schedule, x0, x_t, t, eps, v) -> jax.Array:
+  """Per-example variational-bound term L_t in bits per dimension, shape (batch,).
+
+  t > 0: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)), averaged over dimensions, / log 2;
+  t = 0: -log p(x_0 | x_1) of the discretised Gaussian (`discretized_gaussian_log_likelihood`),
+  averaged over dimensions, / log 2 (improved-diffusion's ``_vb_terms_bpd``).
+  q: mean c1_t x_0 + c2_t x_t, log-variance ``posterior_log_variance_clipped``. p: mean c1_t
+  x0_hat + c2_t x_t with x0_hat = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (not clipped),
+  log-variance `learned_range_log_variance`(v). ``eps`` enters through
+  ``jax.lax.stop_gradient``: this term trains the variance v only (improved-diffusion's
+  ``frozen_out``), whatever the caller does with eps. ``t`` are step indices of ``schedule``;
+  float32 arithmetic on the schedule's float64 constants.
+  """
+  def at(a):
+    return jnp.asarray(a, jnp.float32)[t].reshape((-1,) + (1,) * (x0.ndim - 1))
+
+  c1, c2 = schedule.posterior_mean_coefs
+  abar = schedule.alphas_cumprod
+  x0, x_t = jnp.asarray(x0, jnp.float32), jnp.asarray(x_t, jnp.float32)
+  eps = jax.lax.stop_gradient(jnp.asarray(eps, jnp.float32))
+  v = jnp.asarray(v, jnp.float32)
+  x0_hat = at(np.sqrt(1.0 / abar)) * x_t - at(np.sqrt(1.0 / abar - 1.0)) * eps
+  model_mean = at(c1) * x0_hat + at(c2) * x_t
+  log_beta, log_post = np.log(schedule.betas), schedule.posterior_log_variance_clipped
+  model_log_var = learned_range_log_variance(v, at(log_beta), at(log_post))
+  # The KL from the differences, each formed where it is exact: q's mean minus p's is
+  # c1 (x0 - x0_hat) (the c2 x_t parts of the two means cancel), and q's log-variance minus p's
+  # is -f (log beta_t - log beta~_t) with the gap of the two logs from float64 (near t = T they
+  # agree to ~1e-6, below the float32 rounding of either log).
+  gap = -learned_range_log_variance(v, at(log_beta - log_post), 0.0)
+  kl = normal_kl_from_gap(at(c1) * (x0 - x0_hat), gap, model_log_var)
+  nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+  return jnp.where(t == 0, _mean_flat(nll), _mean_flat(kl)) / np.log(2.0)
+
+
+def hybrid_loss_terms(schedule: Schedule, x0, x_t, t, noise, eps, v=None):
+  """(mse, vb), per example: improved DDPM's hybrid loss is mse + vb.
+
+  mse = `eps_mse`(eps, noise) (mean over dimensions); vb = `vb_terms_bpd` * T / 1000 for a
+  backbone with a learned variance (``v`` not None; improved-diffusion's RESCALED_MSE, T =
+  ``schedule.num_steps``; the factor is 1 for the usual T = 1000, where it equals DiT's plain
+  MSE loss type), None for an epsilon-only backbone (its loss is the mse alone). eps gets no
+  gradient from vb and v none from mse.
+  """
+  mse = eps_mse(eps, noise)
+  if v is None:
+    return mse, None
+  return mse, vb_terms_bpd(schedule, x0, x_t, t, eps, v) * (schedule.num_steps / 1000.0)

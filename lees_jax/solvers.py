@@ -102,9 +102,8 @@ class Solver:
       if self.needs_variance:
         if v is None:
           raise ValueError("the 'learned_range' variance needs the backbone's v output")
-        # improved DDPM: log sigma^2 = f log beta_t + (1 - f) log beta~_t, f = (v + 1) / 2.
-        frac = (v + 1.0) / 2.0
-        log_var = frac * c['log_beta'] + (1.0 - frac) * c['log_posterior_variance']
+        log_var = diffusion.learned_range_log_variance(v, c['log_beta'],
+                                                       c['log_posterior_variance'])
         return (mean + c['noise_on'] * jnp.exp(0.5 * log_var) * noise,)
       return (mean + c['sigma'] * noise,)
     if self.name == 'ddim':
@@ -162,9 +161,8 @@ def make_solver(schedule: diffusion.Schedule, name: str = 'ddpm', steps: int = 5
     if variance == 'learned_range':
       # The two ends of the range in log space; beta~ is 0 at t = 0, so improved-diffusion's
       # "clipped" log takes its value at the next kept step there (that step adds no noise).
-      clipped = np.append(post_var[1], post_var[1:]) if len(betas) > 1 else betas.copy()
       coefs['log_beta'] = np.log(betas)
-      coefs['log_posterior_variance'] = np.log(clipped)
+      coefs['log_posterior_variance'] = rs.posterior_log_variance_clipped
       coefs['noise_on'] = (np.arange(len(betas)) > 0).astype(np.float64)  # none at t = 0
     else:
       if variance == 'fixed_small':

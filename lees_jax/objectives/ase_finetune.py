@@ -67,9 +67,20 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   Every example runs the network as the sampler would at its timestep: the schedule's keep
   column for the example's interval becomes the fixed per-example mask `gates.ExampleMask`, so a dropped unit contributes exactly its skip path (identity, or the 1x1
   shortcut of a ResBlock that changes channels -- that projection runs and is trained) and gets
-  exactly zero gradient from that example. Loss: mean_i lambda(t_i) ||eps - eps_theta||^2 with
-  `ase_time_weight` (the DDPM UNet predicts eps only, so the paper's hybrid loss reduces to
-  this). AdamW, constant (or cosine) learning rate, dropout as in pretraining
+  exactly zero gradient from that example. Loss (`diffusion.hybrid_loss_terms`), per example i:
+  lambda(t_i) mse_i for an epsilon-only backbone (the DDPM UNet), lambda(t_i) mse_i + vb_i for
+  one with a learned variance (output 'eps_variance': DiT with learn_sigma), averaged over the
+  batch; mse_i is the eps-MSE (mean over dimensions), vb_i improved DDPM's variational-bound term
+  `diffusion.vb_terms_bpd` * T/1000, with eps under a stop-gradient (the vb trains the variance v
+  only, the mse epsilon only), lambda(t) `ase_time_weight`. So the variance outputs of the last
+  layer are fine-tuned too, on the vb of the dropped-block forward. ASE's released DiT
+  fine-tuning (``train_ase.py``: ``create_ase_diffusion``, DiT's learn_sigma with loss type MSE)
+  trains mse + vb with lambda = 1 (its 'default' schedule, the only one it implements; a
+  non-default one would multiply the sum mse + vb); here lambda(t) weights the eps-MSE only, so
+  that reweight='none' is that loss exactly and 'paper' leaves the variance term as it is.
+  Metrics: 'mse' (unweighted) and, for a learned variance, 'vb' (batch means).
+
+  AdamW, constant (or cosine) learning rate, dropout as in pretraining
   (config.model.dropout), EMA from the loaded parameters. With
   ``config.ase_ft.freeze_time_embedding`` the temb_dense_* layers are frozen (not in the
   trainable partition, never updated). ``backbone`` params replace config.backbone
@@ -80,11 +91,7 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   released DiT fine-tuning does (DiT's training script, ``model.train()`` "enables embedding
   dropout for classifier-free guidance"): guided sampling runs the null-class half under the
   same schedule, so it is fine-tuned too. ``config.model.class_dropout_prob=0`` keeps every
-  label as given (a training field: the backbone still loads). A backbone with a learned
-  variance (output 'eps_variance') is trained on the eps-MSE only (ASE's release adds the
-  variational-bound term, not implemented here): the variance outputs of the last layer get
-  no gradient (with weight decay 0 their weights stay as loaded), while the layers they share
-  with epsilon are fine-tuned.
+  label as given (a training field: the backbone still loads).
   """
   ac = config.ase_ft
   if ac.reweight not in ASE_REWEIGHTS:
@@ -120,14 +127,17 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
     t, noise = draw_t_noise(rng, x0, T)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
     keep = jnp.asarray(keep_table)[t]  # (B, K)
-    eps, _ = models.predict_eps(model, merge(trainable, frozen), x_t, t, batch_labels(model, batch),
+    eps, v = models.predict_eps(model, merge(trainable, frozen), x_t, t, batch_labels(model, batch),
                                 gates=gating.ExampleMask(keep), train=True,
                                 rngs={'dropout': jax.random.fold_in(rng, 2)})
-    per_example = diffusion.eps_mse(eps, noise)
+    mse, vb = diffusion.hybrid_loss_terms(schedule, x0, x_t, t, noise, eps, v)
     lam = ase_time_weight(t, T, step, reweight, coef, rw_steps)
-    loss = jnp.mean(lam * per_example)
-    return loss, {'mse': per_example.mean(), 'lambda_mean': lam.mean(),
-                  'kept_fraction': keep.astype(jnp.float32).mean()}
+    per_example = lam * mse if vb is None else lam * mse + vb
+    metrics = {'mse': mse.mean(), 'lambda_mean': lam.mean(),
+               'kept_fraction': keep.astype(jnp.float32).mean()}
+    if vb is not None:
+      metrics['vb'] = vb.mean()
+    return jnp.mean(per_example), metrics
 
   timesteps = sampler_timesteps(config)
   masks = policy.step_masks(timesteps, T, K)
@@ -174,6 +184,8 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
                + f', AdamW lr {ac.learning_rate} ({ac.lr_schedule}), wd {ac.weight_decay}, '
                f'EMA {ac.ema_decay}, lambda(t) {reweight}'
                + (f' (1 + {coef} t for {rw_steps} steps)' if reweight == 'paper' else '')
+               + (', loss lambda(t) eps-MSE + vb (learned variance)'
+                  if model.output == 'eps_variance' else '')
                + f', backbone {backbone_dir}')
 
 

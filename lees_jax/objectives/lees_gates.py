@@ -3,8 +3,10 @@ trained, with Adam, on the eps-MSE of the gated frozen backbone plus lam * E_t[m
 
 A class-conditional backbone (DiT) is called with the batch's labels as given (no label
 dropout: the backbone is frozen and in eval mode). For a backbone with a learned variance
-(output 'eps_variance') the loss is the eps-MSE only: the variance head is frozen with the rest
-of the backbone, and the gates are trained on what they change in epsilon.
+(output 'eps_variance') the loss is the eps-MSE only, the paper's loss: the variance head is
+frozen with the rest of the backbone, and the gates are trained on what they change in epsilon
+(no variational-bound term, unlike pretraining and ASE fine-tuning of such a backbone, which
+train `diffusion.hybrid_loss_terms`).
 
 Hard gates run unit k when g_k(t) > 0.5 with a straight-through gradient
 (`gates.StraightThrough`); soft gates blend (`gates.SoftGates`). The run ends by writing

@@ -1,10 +1,16 @@
 """DDPM backbone pretraining (Ho et al. 2020): eps-prediction on the whole network.
 
+The loss is `diffusion.hybrid_loss_terms`: the eps-MSE for an epsilon-only backbone (output
+'eps'); for a backbone with a learned variance (output 'eps_variance', DiT with learn_sigma)
+improved DDPM's hybrid loss, eps-MSE + the variational bound `diffusion.vb_terms_bpd` * T/1000,
+as DiT's ``train.py`` trains it (``create_diffusion``: learn_sigma, LEARNED_RANGE, loss type MSE,
+whose vb factor is 1 at T = 1000 as improved-diffusion's RESCALED_MSE T/1000 is). The vb sees eps
+through a stop-gradient: epsilon is trained by the MSE, the variance v by the vb only.
+
 A class-conditional backbone (DiT) is trained on the batch's labels, each replaced by the null
 class with the backbone's own label-dropout probability (DiT: ``config.model.class_dropout_prob``,
 drawn from the 'dropout' rng in train mode), so that it learns the unconditional prediction
-classifier-free guidance needs. A backbone with a learned variance is refused: its variance
-needs the variational-bound term of improved DDPM's hybrid loss, which is not implemented.
+classifier-free guidance needs.
 
 Exports the EMA parameters to ``<workdir>/backbone`` (`lees_jax.checkpoints`).
 """
@@ -23,17 +29,12 @@ from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, batch_labels,
 
 
 def pretrain_objective(config) -> Objective:
-  """DDPM eps-prediction on the whole backbone: Adam, linear warm-up, clipping, EMA, dropout
-  (and label dropout for a conditional backbone)."""
+  """DDPM eps-prediction on the whole backbone (plus the vb term for a learned variance):
+  Adam, linear warm-up, clipping, EMA, dropout (and label dropout for a conditional backbone).
+  Metrics: 'mse' and, for a learned variance, 'vb' (batch means; loss = mse + vb)."""
   pc = config.pretrain
   model = models.build_model(config.model)
   check_training_data(model, config.data)
-  if model.output != 'eps':
-    raise ValueError(
-        f'pretraining a backbone with output {model.output!r} (a learned variance) needs the '
-        "variational-bound loss of improved DDPM, which lees_jax does not implement; pretrain an "
-        'epsilon-only network (config.model.learn_sigma=False) or import a pretrained one '
-        '(python -m lees_jax.convert)')
   schedule = diffusion.schedule_from_config(config.diffusion)
   T = schedule.num_steps
   lr = optax.linear_schedule(0.0, pc.learning_rate, max(1, pc.warmup_steps)) \
@@ -49,10 +50,12 @@ def pretrain_objective(config) -> Objective:
     x0 = batch['image']
     t, noise = draw_t_noise(rng, x0, T)
     x_t = diffusion.q_sample(schedule, x0, t, noise)
-    eps, _ = models.predict_eps(model, params, x_t, t, batch_labels(model, batch), train=True,
+    eps, v = models.predict_eps(model, params, x_t, t, batch_labels(model, batch), train=True,
                                 rngs={'dropout': jax.random.fold_in(rng, 2)})
-    mse = diffusion.eps_mse(eps, noise).mean()
-    return mse, {'mse': mse}
+    mse, vb = diffusion.hybrid_loss_terms(schedule, x0, x_t, t, noise, eps, v)
+    if vb is None:
+      return mse.mean(), {'mse': mse.mean()}
+    return (mse + vb).mean(), {'mse': mse.mean(), 'vb': vb.mean()}
 
   def host_scalars(state):
     return {'learning_rate': float(lr(int(state['step'])))}
@@ -68,5 +71,8 @@ def pretrain_objective(config) -> Objective:
       init_trainable=init_trainable, frozen={}, loss_fn=loss_fn, optimizer=optimizer,
       ema_decay=float(pc.ema_decay), random_flip=bool(config.data.random_flip),
       host_scalars=host_scalars, finish=finish,
-      describe=f'DDPM pretraining of a {config.model.name} (lr {pc.learning_rate}, '
+      describe=f'DDPM pretraining of a {config.model.name} on the '
+               + ('hybrid loss eps-MSE + vb (learned variance)' if model.output == 'eps_variance'
+                  else 'eps-MSE')
+               + f' (lr {pc.learning_rate}, '
                f'warm-up {pc.warmup_steps}, clip {pc.grad_clip}, EMA {pc.ema_decay})')
