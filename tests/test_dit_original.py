@@ -16,8 +16,10 @@ Measured (jax 0.10.2, torch 2.13, diffusers 0.42.1, CPU, fp32): max |ours - diff
 on outputs of magnitude ~2 (patch 2 and 4, learn_sigma on and off, depth 3); ATOL = 1e-4.
 """
 
+import argparse
 import copy
 
+import jax
 import numpy as np
 import pytest
 
@@ -25,7 +27,8 @@ torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 from conftest import diffusers_dit_reference  # noqa: E402
 
-from lees_jax import convert, models  # noqa: E402
+import lees_jax  # noqa: E402
+from lees_jax import checkpoints, convert, models  # noqa: E402
 from lees_jax.convert import dit_original  # noqa: E402
 from lees_jax.models import dit  # noqa: E402
 
@@ -219,6 +222,31 @@ def test_paper_arch_and_its_contradiction():
 # (b) train.py checkpoints: the EMA weights.
 # ---------------------------------------------------------------------------------------------
 
+def test_train_checkpoint_imports_the_ema(source, tmp_path):
+  ref, sd, _ = source
+  ema = {k: torch.from_numpy(v) for k, v in sd.items()}
+  raw = {k: v * 2 for k, v in ema.items()}  # the non-EMA weights: must not be what is imported
+  opt = {'state': {0: {'step': torch.tensor(7.0), 'exp_avg': torch.zeros(3)}},
+         'param_groups': [{'lr': 1e-4, 'betas': (0.9, 0.999), 'weight_decay': 0, 'params': [0]}]}
+  args = argparse.Namespace(model=_arch(2), image_size=64, num_classes=CLASSES, epochs=1400)
+  path = str(tmp_path / '0400000.pt')
+  torch.save({'model': raw, 'ema': ema, 'opt': opt, 'args': args}, path)
+  state_dict, which, got_args = dit_original.read_checkpoint(path)
+  assert which == 'ema' and got_args['image_size'] == 64
+  np.testing.assert_array_equal(state_dict['blocks.0.attn.qkv.weight'],
+                                sd['blocks.0.attn.qkv.weight'])
+  out = convert.convert(path, str(tmp_path / 'out'), arch=_arch(2))
+  meta = checkpoints.read_backbone_meta(out)
+  assert meta['source_weights'] == 'ema' and meta['training_args']['model'] == _arch(2)
+  _, params = checkpoints.load_backbone_params(out)
+  _, want = dit_original.original_to_params(sd, _arch(2))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, want)
+  # Training args that name another model contradict --arch.
+  torch.save({'ema': ema, 'args': argparse.Namespace(model='DiT-XL/2')}, path)
+  with pytest.raises(convert.ConversionError, match="training args say model='DiT-XL/2'"):
+    convert.convert(path, str(tmp_path / 'refused'), arch=_arch(2))
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) Refusals, by name.
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +302,41 @@ def test_arch_and_input_size_that_contradict_the_file(source):
     dit_original.original_to_params(sd, _arch(2), num_classes=CLASSES + 1)
 
 
+def test_source_and_flag_refusals(source, tmp_path):
+  _, _, path = source
+  missing = str(tmp_path / 'DiT-XL-2-256x256.pt')
+  with pytest.raises(convert.SourceUnavailableError,
+                     match='https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt'):
+    convert.convert(missing, str(tmp_path / 'a'), arch='DiT-XL/2')
+  with pytest.raises(convert.ConversionError, match='pass --arch'):
+    convert.convert(path, str(tmp_path / 'b'))
+  with pytest.raises(convert.ConversionError, match='--arch and --input_size are for an original'):
+    convert.convert(str(tmp_path), str(tmp_path / 'c'), arch='DiT-XL/2')
+  assert not any((tmp_path / n).exists() for n in 'abc')
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) The command line, and the saved backbone.
 # ---------------------------------------------------------------------------------------------
 
+def test_cli_end_to_end_and_load_backbone(source, tmp_path, capsys):
+  ref, sd, path = source
+  out = str(tmp_path / 'dit-tiny')
+  assert convert.main([f'--source={path}', f'--arch={_arch(2)}', f'--out={out}']) == 0
+  printed = capsys.readouterr().out
+  assert 'wrote' in printed and "variance_type='learned_range'" in printed
+  meta = checkpoints.read_backbone_meta(out)
+  assert meta['source_weights'] == 'state_dict' and meta['model_output'] == 'eps_variance'
+  assert meta['source_dtypes'] == {'float32': len(sd)} and len(meta['weights_sha256']) == 64
+  assert meta['diffusion'] == convert.diffusion_config_from_scheduler(None).to_dict()
+  assert meta['num_params'] == sum(v.size for k, v in sd.items() if k != 'pos_embed')
+  model, params = lees_jax.load_backbone(out)
+  model_config, in_memory = dit_original.original_to_params(sd, _arch(2))
+  assert model.spec == models.spec_from_config(model_config)
+  x, t, y = _inputs(model, seed=1)
+  got = np.asarray(model.apply({'params': params}, x, t, y))
+  np.testing.assert_array_equal(got, np.asarray(model.apply({'params': in_memory}, x, t, y)))
+  assert float(np.abs(got - _torch_out(ref, x, t, y)).max()) <= ATOL
+  # A failing conversion prints the error and writes nothing.
+  assert convert.main([f'--source={path}', '--arch=DiT-XL/2', f'--out={out}-x']) == 1
+  assert 'the file has width 64' in capsys.readouterr().err
