@@ -18,7 +18,8 @@ stand-ins (tensor rebuilders implemented with numpy, ``OrderedDict``, storage dt
 :class:`UnsafeArchiveError` *before* anything is called.
 
 Public API: :func:`load_tensors`, :func:`load_object`, :func:`sha1_of_file`,
-:class:`ScriptObject`, :class:`UnsafeArchiveError`, :class:`ArchiveFormatError`.
+:class:`ScriptObject`, :class:`NamespaceRecord`, :class:`UnsafeArchiveError`,
+:class:`ArchiveFormatError`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover - jax always brings ml_dtypes
 
 __all__ = [
     "ArchiveFormatError",
+    "NamespaceRecord",
     "ScriptObject",
     "UnsafeArchiveError",
     "load_object",
@@ -162,6 +164,28 @@ def _script_class(qualname: str) -> type:
   return cls
 
 
+class NamespaceRecord:
+  """An inert record standing in for a pickled ``argparse.Namespace`` (a training script's
+  command-line arguments). ``attributes`` holds the values the pickle's BUILD opcode supplied;
+  nothing of argparse is imported or called."""
+
+  state: Any = None  # NEWOBJ skips __init__, so the default lives on the class
+
+  def __init__(self, *args, **kwargs):  # REDUCE might pass arguments: keep them inert
+    del args
+    self.state = dict(kwargs)
+
+  def __setstate__(self, state):
+    self.state = state
+
+  @property
+  def attributes(self) -> dict:
+    return dict(self.state) if isinstance(self.state, dict) else {}
+
+  def __repr__(self):
+    return f"NamespaceRecord({', '.join(f'{k}={v!r}' for k, v in self.attributes.items())})"
+
+
 # --------------------------------------------------------------------------------------------
 # Tensor rebuilding (numpy implementations of the whitelisted torch helpers).
 # --------------------------------------------------------------------------------------------
@@ -250,6 +274,7 @@ def _restore_type_tag(value, type_str=None):
 # The whitelist: (module, name) -> harmless object returned by find_class.
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("argparse", "Namespace"): NamespaceRecord,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,

@@ -74,6 +74,22 @@ def test_torchscript_records_are_inert(tmp_path):
   assert obj.qualname == "__torch__.os.system"
 
 
+def test_argparse_namespace_is_an_inert_record(tmp_path):
+  """Training checkpoints (DiT's train.py) pickle their argparse.Namespace next to the weights."""
+  import argparse
+  archive = tmp_path / "train.pt"
+  args = argparse.Namespace(model="DiT-XL/2", image_size=256)
+  _zip_with_pickle(archive, pickle.dumps({"args": args, "n": 1}, protocol=2))
+  obj = torch_archive.load_object(archive)
+  assert isinstance(obj["args"], torch_archive.NamespaceRecord)
+  assert obj["args"].attributes == {"model": "DiT-XL/2", "image_size": 256}
+  assert torch_archive.load_tensors(archive) == {}
+  # Its REDUCE form (a call with arguments) stays inert as well.
+  payload = b"\x80\x02cargparse\nNamespace\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03."
+  _zip_with_pickle(archive, payload)
+  assert torch_archive.load_object(archive).attributes == {}
+
+
 # --------------------------------------------------------------------------------------------
 # Format errors.
 # --------------------------------------------------------------------------------------------

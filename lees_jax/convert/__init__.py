@@ -1,10 +1,15 @@
-"""Import a diffusers ``UNet2DModel`` checkpoint (e.g. google/ddpm-cifar10-32) or a diffusers DiT
-(``DiTTransformer2DModel``, e.g. the ``transformer/`` folder of facebook/DiT-XL-2-256) as a lees_jax
-backbone.
+"""Import a diffusers ``UNet2DModel`` checkpoint (e.g. google/ddpm-cifar10-32), a diffusers DiT
+(``DiTTransformer2DModel``, e.g. the ``transformer/`` folder of facebook/DiT-XL-2-256) or an
+original DiT checkpoint (facebookresearch/DiT's ``DiT-XL-2-256x256.pt``) as a lees_jax backbone.
 
 Usage:
   python -m lees_jax.convert --source=google/ddpm-cifar10-32 --out=checkpoints/ddpm-cifar10-32
   python -m lees_jax.convert --source=/path/to/D --out=checkpoints/ddpm-cifar10-32   # offline
+  python -m lees_jax.convert --source=/path/DiT-XL-2-256x256.pt --arch=DiT-XL/2 --out=checkpoints/dit-xl-2-256
+
+An original DiT file is a local ``.pt`` / ``.pth`` (never downloaded; `dit_original` says where
+the released ones are) and needs ``--arch``, since a state dict does not record the number of
+attention heads; everything else is read from its tensors (see `dit_original`).
 
 ``--source`` is a local directory holding ``config.json`` and
 ``diffusion_pytorch_model.safetensors`` (preferred) or ``diffusion_pytorch_model.bin``
@@ -14,7 +19,7 @@ Hugging Face Hub id whose files are downloaded with ``huggingface_hub.hf_hub_dow
 without one the DDPM linear schedule (1e-4 -> 0.02, T = 1000) is recorded.
 
 Nothing here imports torch or diffusers: ``.safetensors`` are read with safetensors' numpy API,
-``.bin`` with the code-free reader `lees_jax.torch_archive`. The conversion is strict: the
+``.bin`` and ``.pt`` with the code-free reader `lees_jax.torch_archive`. The conversion is strict: the
 diffusers architecture config must be one our `UNetSpec` / `DiTSpec` represents exactly (every
 unsupported field is reported), and every tensor must map one-to-one onto our parameter tree
 with the right shape (every missing, unexpected or wrongly shaped tensor is reported). The
@@ -23,14 +28,16 @@ nothing at ``--out``.
 
 The package is split by concern, so that importers of other architectures reuse what is not
 specific to one: `sources` finds and reads a source (local directory or Hub, safetensors / .bin,
-fingerprints), `diffusers_unet` maps the UNet2DModel config and tensors onto our UNet and
-`diffusers_dit` the DiTTransformer2DModel ones onto our DiT, `diffusers_scheduler` maps the
+fingerprints), `diffusers_unet` maps the UNet2DModel config and tensors onto our UNet,
+`diffusers_dit` the DiTTransformer2DModel ones onto our DiT and `dit_original` the original
+DiT's state dict onto it, `diffusers_scheduler` maps the
 scheduler config onto `config.diffusion`, `errors` holds the errors they share, ``__main__``
 the command line. This module orchestrates one conversion and
 re-exports the public names, so ``convert.<name>`` works whichever module defines it.
 
 Public API: `convert`, `diffusers_to_params`, `model_config_from_diffusers` (the UNet's; the
-DiT's are `diffusers_dit.diffusers_to_params` and `diffusers_dit.model_config_from_diffusers`),
+DiT's are `diffusers_dit.diffusers_to_params` and `diffusers_dit.model_config_from_diffusers`,
+the original DiT's `dit_original.original_to_params`),
 `diffusion_config_from_scheduler`, `read_state_dict`, `ConversionError`, `SourceUnavailableError`.
 """
 
@@ -38,7 +45,7 @@ from __future__ import annotations
 
 import os
 
-from lees_jax.convert import diffusers_dit
+from lees_jax.convert import diffusers_dit, dit_original
 from lees_jax.convert.diffusers_scheduler import (
     SCHEDULER_DEFAULTS,
     SUPPORTED_VARIANCE_TYPES,
@@ -79,12 +86,17 @@ __all__ = [
 ]
 
 
-def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | None = None) -> str:
-  """Converts a diffusers UNet2DModel or DiT (local directory or Hub id) into a backbone at ``out``.
+def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | None = None,
+            arch: str | None = None, input_size: int | None = None) -> str:
+  """Converts a diffusers UNet2DModel or DiT (local directory or Hub id), or an original DiT
+  checkpoint (a local ``.pt`` / ``.pth`` file), into a backbone at ``out``.
 
-  The config's ``_class_name`` says which: a ``DiTTransformer2DModel`` (or ``Transformer2DModel``
-  with ``norm_type='ada_norm_zero'``) goes through `diffusers_dit`, anything else through
-  `diffusers_unet` (which refuses what is not a UNet2DModel). ``dropout`` is the UNet's only.
+  For a diffusers source the config's ``_class_name`` says which: a ``DiTTransformer2DModel``
+  (or ``Transformer2DModel`` with ``norm_type='ada_norm_zero'``) goes through `diffusers_dit`,
+  anything else through `diffusers_unet` (which refuses what is not a UNet2DModel).
+  ``dropout`` is the UNet's only. An original DiT file (e.g. ``DiT-XL-2-256x256.pt``) goes
+  through `dit_original` and needs ``arch`` (e.g. 'DiT-XL/2'); ``input_size``, inferred from
+  the file, is optional there. Both are refused for other sources.
 
   Returns the absolute backbone directory, loadable with `lees_jax.load_backbone`. Raises
   `ConversionError` (a ValueError; `SourceUnavailableError` when files cannot be found or
@@ -98,6 +110,21 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   if os.path.exists(out_abs) and not overwrite:
     raise FileExistsError(f'{out_abs} already exists; pass --overwrite (overwrite=True) to replace '
                           'it, or choose another --out (nothing was written)')
+  if str(source).endswith(dit_original.SUFFIXES):
+    if arch is None:
+      raise ConversionError(f'--source={source} is an original DiT checkpoint: pass --arch (e.g. '
+                            '--arch=DiT-XL/2; the file does not record its number of heads)')
+    if dropout is not None:
+      raise ConversionError('dropout is a setting of the DDPM UNet; a DiT has none')
+    model_config, params, diffusion_config, metadata = dit_original.convert_file(
+        str(source), arch, input_size=input_size)
+    return checkpoints.save_backbone(out_abs, params, model_config,
+                                     diffusion_config=diffusion_config, overwrite=overwrite,
+                                     **metadata)
+  if arch is not None or input_size is not None:
+    raise ConversionError(f'--arch and --input_size are for an original DiT checkpoint (a '
+                          f'{" or ".join(dit_original.SUFFIXES)} file); --source={source} is not '
+                          'one (a diffusers source records its architecture in config.json)')
   if os.path.isdir(source):
     files = _local_files(source)
     source_desc = os.path.abspath(source)

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from lees_jax.convert import convert
+from lees_jax.convert import convert, dit_original
 from lees_jax.convert.diffusers_unet import DDPM_DROPOUT
 from lees_jax.convert.sources import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
 
@@ -15,12 +15,22 @@ from lees_jax.convert.sources import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m lees_jax.convert',
-      description='Import a diffusers UNet2DModel checkpoint (e.g. google/ddpm-cifar10-32) or a '
-                  'diffusers DiT (e.g. the transformer/ folder of facebook/DiT-XL-2-256) as a '
+      description='Import a diffusers UNet2DModel checkpoint (e.g. google/ddpm-cifar10-32), a '
+                  'diffusers DiT (e.g. the transformer/ folder of facebook/DiT-XL-2-256) or an '
+                  'original DiT checkpoint (DiT-XL-2-256x256.pt, with --arch=DiT-XL/2) as a '
                   'lees_jax backbone directory (load it with lees_jax.load_backbone).')
   parser.add_argument('--source', required=True,
-                      help='Hugging Face Hub id (e.g. google/ddpm-cifar10-32) or a local directory '
-                           f'holding {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}')
+                      help='Hugging Face Hub id (e.g. google/ddpm-cifar10-32), a local directory '
+                           f'holding {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}, or an '
+                           'original DiT checkpoint file (e.g. DiT-XL-2-256x256.pt, from '
+                           f'{dit_original.RELEASE_URL})')
+  parser.add_argument('--arch', default=None,
+                      help='architecture of an original DiT .pt/.pth file (required for one, '
+                           'refused otherwise): DiT-<S|B|L|XL>/<2|4|8>, e.g. DiT-XL/2, optionally '
+                           'followed by ,hidden_size=N,depth=N,num_heads=N,mlp_ratio=R')
+  parser.add_argument('--input_size', type=int, default=None,
+                      help='latent pixels per side of an original DiT file (default: inferred '
+                           'from its pos_embed; checked against it when given)')
   parser.add_argument('--out', required=True, help='output backbone directory (must not exist)')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
   parser.add_argument('--dropout', type=float, default=None,
@@ -28,7 +38,8 @@ def main(argv=None) -> int:
                            f'non-zero dropout, else {DDPM_DROPOUT} as in DDPM CIFAR-10)')
   args = parser.parse_args(argv)
   try:
-    directory = convert(args.source, args.out, overwrite=args.overwrite, dropout=args.dropout)
+    directory = convert(args.source, args.out, overwrite=args.overwrite, dropout=args.dropout,
+                        arch=args.arch, input_size=args.input_size)
   except (ValueError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -46,10 +57,12 @@ def main(argv=None) -> int:
           f'ch_mult={tuple(m["ch_mult"])}, attn_resolutions={tuple(m["attn_resolutions"])}, '
           f'from {meta["source"]} ({meta["source_files"]["weights"]}, {meta["attention_names"]} '
           f'attention names); diffusion: {meta["diffusion"]}')
-  print(f'note: the source scheduler samples with variance_type={meta["variance_type"]!r} '
+  print(f'note: the source samples with variance_type={meta["variance_type"]!r} '
         f'({meta["variance_type_from"]}); lees_jax\'s DDPM sampler uses config.sampler.variance '
         "(default 'fixed_small')")
-  if meta['ignored_config_keys']:
+  if meta.get('source_weights') == 'ema':
+    print('note: a train.py checkpoint: its EMA weights were imported')
+  if meta.get('ignored_config_keys'):
     model_class = 'DiTTransformer2DModel' if m['name'] == 'dit' else 'UNet2DModel'
     print(f'note: config.json keys not used by diffusers\' {model_class} were ignored: '
           f'{meta["ignored_config_keys"]}')
