@@ -88,7 +88,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
 
   if preset == 'tiny':
     c.model.update(size='', hidden_size=64, depth=4, num_heads=4, patch_size=2, input_size=8,
-                   num_classes=10, learn_sigma=False)
+                   num_classes=10)
     c.data.update(dataset='cifar10_subset', image_size=32, crop='none', latents_shard_size=256)
     c.vae.update(source='init:0', batch_size=32, block_out_channels=(16, 32, 32),
                  layers_per_block=1, norm_num_groups=8)
@@ -96,7 +96,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
                       checkpoint_every=10)
     c.gates.update(batch_size=8, num_train_steps=20, log_every=5, checkpoint_every=10,
                    heatmap_every=10)
-    c.sampler.update(steps=5, batch_size=4, variance='fixed_small')
+    c.sampler.update(steps=5, batch_size=4)
     c.sampler.guidance_scale = 1.5
     c.sampler.guidance_channels = 0
     c.eval.update(num_samples=8, latency_batch=4, latency_repeats=1, fid_batch_size=8,

@@ -48,11 +48,11 @@ def spec_config(vae_config) -> ml_collections.ConfigDict:
   return vae_lib.VAESpec(**fields).to_config()
 
 
-def save_vae(directory: str, params, model_config, **metadata) -> str:
+def save_vae(directory: str, params, model_config, *, overwrite: bool = False, **metadata) -> str:
   """Writes a VAE directory (``vae.json`` + ``params/``) atomically; returns its path."""
   vae_lib.VAESpec.from_config(model_config)  # validates
   meta = {'format': FORMAT, 'model': checkpoints.plain(model_config), **checkpoints.plain(metadata)}
-  return checkpoints.save_tree(directory, params, META_FILE, meta)
+  return checkpoints.save_tree(directory, params, META_FILE, meta, overwrite=overwrite)
 
 
 def _find(path: str) -> str:

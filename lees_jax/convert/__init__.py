@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import os
 
-from lees_jax.convert import diffusers_dit, dit_original
+from lees_jax.convert import diffusers_dit
+from lees_jax.convert import diffusers_vae
+from lees_jax.convert import vae_source, dit_original
 from lees_jax.convert.diffusers_scheduler import (
     SCHEDULER_DEFAULTS,
     SUPPORTED_VARIANCE_TYPES,
@@ -87,7 +89,8 @@ __all__ = [
 
 
 def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | None = None,
-            arch: str | None = None, input_size: int | None = None) -> str:
+            arch: str | None = None, input_size: int | None = None,
+            vae: str | None = None) -> str:
   """Converts a diffusers UNet2DModel or DiT (local directory or Hub id), or an original DiT
   checkpoint (a local ``.pt`` / ``.pth`` file), into a backbone at ``out``.
 
@@ -97,6 +100,10 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   ``dropout`` is the UNet's only. An original DiT file (e.g. ``DiT-XL-2-256x256.pt``) goes
   through `dit_original` and needs ``arch`` (e.g. 'DiT-XL/2'); ``input_size``, inferred from
   the file, is optional there. Both are refused for other sources.
+
+  A latent backbone (DiT) is written with its VAE in ``out/vae`` (`vae_source.backbone_vae`):
+  ``vae`` names one (a directory or Hub id; 'none' for none), else a pipeline's own ``vae/``
+  is used. A source that is itself an ``AutoencoderKL`` becomes a VAE directory.
 
   Returns the absolute backbone directory, loadable with `lees_jax.load_backbone`. Raises
   `ConversionError` (a ValueError; `SourceUnavailableError` when files cannot be found or
@@ -118,9 +125,9 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
       raise ConversionError('dropout is a setting of the DDPM UNet; a DiT has none')
     model_config, params, diffusion_config, metadata = dit_original.convert_file(
         str(source), arch, input_size=input_size)
-    return checkpoints.save_backbone(out_abs, params, model_config,
-                                     diffusion_config=diffusion_config, overwrite=overwrite,
-                                     **metadata)
+    return checkpoints.save_backbone(
+        out_abs, params, model_config, diffusion_config=diffusion_config, overwrite=overwrite,
+        vae=vae_source.backbone_vae(str(source), vae, out, latent=True), **metadata)
   if arch is not None or input_size is not None:
     raise ConversionError(f'--arch and --input_size are for an original DiT checkpoint (a '
                           f'{" or ".join(dit_original.SUFFIXES)} file); --source={source} is not '
@@ -139,6 +146,13 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
                                  'Hub id (owner/name)')
 
   diffusers_config = _read_json(files['config'])
+  if diffusers_vae.is_vae_config(diffusers_config):  # a VAE on its own: a VAE directory
+    from lees_jax import autoencoder  # pylint: disable=g-import-not-at-top
+    if vae is not None or dropout is not None:
+      raise ConversionError(f'--source={source} is an AutoencoderKL; --vae and --dropout are for '
+                            'diffusion backbones')
+    vae_params, vae_config, vae_meta = vae_source.read_vae(source_desc, out, files=files)
+    return autoencoder.save_vae(out_abs, vae_params, vae_config, overwrite=overwrite, **vae_meta)
   scheduler_config = _read_json(files['scheduler']) if files['scheduler'] else None
   # The architecture is the config's `_class_name`: a DiT, or else (the default) a UNet2DModel.
   # It is checked before the weights (~140 MB for the UNet, ~3 GB for DiT-XL/2) are read.
@@ -185,8 +199,9 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
       ignored_config_keys=ignored,
       num_params=models.count_params(params),
       converted_by='lees_jax.convert')
-  return checkpoints.save_backbone(out_abs, params, model_config, diffusion_config=diffusion_config,
-                                   overwrite=overwrite, **metadata)
+  return checkpoints.save_backbone(
+      out_abs, params, model_config, diffusion_config=diffusion_config, overwrite=overwrite,
+      vae=vae_source.backbone_vae(source, vae, out, latent=is_dit), **metadata)
 
 
 def __getattr__(name: str):

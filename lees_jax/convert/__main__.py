@@ -31,6 +31,10 @@ def main(argv=None) -> int:
   parser.add_argument('--input_size', type=int, default=None,
                       help='latent pixels per side of an original DiT file (default: inferred '
                            'from its pos_embed; checked against it when given)')
+  parser.add_argument('--vae', default=None,
+                      help='the VAE a latent backbone (DiT) is stored with: a Hub id (e.g. '
+                           'stabilityai/sd-vae-ft-mse) or a local AutoencoderKL directory; '
+                           "'none' for none (default: the pipeline's own vae/ folder, if any)")
   parser.add_argument('--out', required=True, help='output backbone directory (must not exist)')
   parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
   parser.add_argument('--dropout', type=float, default=None,
@@ -39,10 +43,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     directory = convert(args.source, args.out, overwrite=args.overwrite, dropout=args.dropout,
-                        arch=args.arch, input_size=args.input_size)
+                        arch=args.arch, input_size=args.input_size, vae=args.vae)
   except (ValueError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  if not os.path.isfile(os.path.join(directory, 'backbone.json')):  # a VAE on its own
+    with open(os.path.join(directory, 'vae.json')) as f:
+      m = json.load(f)['model']
+    print(f'wrote {directory}: an AutoencoderKL (block_out_channels={tuple(m["block_out_channels"])}'
+          f', latent_channels={m["latent_channels"]}, scaling_factor={m["scaling_factor"]}); use '
+          f'it with --config.vae.source={directory}')
+    return 0
   with open(os.path.join(directory, 'backbone.json')) as f:
     meta = json.load(f)
   m = meta['model']
@@ -59,7 +70,13 @@ def main(argv=None) -> int:
           f'attention names); diffusion: {meta["diffusion"]}')
   print(f'note: the source samples with variance_type={meta["variance_type"]!r} '
         f'({meta["variance_type_from"]}); lees_jax\'s DDPM sampler uses config.sampler.variance '
-        "(default 'fixed_small')")
+        + ("(configs/imagenet256_dit.py: 'learned_range', DiT's)" if meta['variance_type'] ==
+           'learned_range' else "(default 'fixed_small')"))
+  if m['name'] == 'dit':
+    print('note: ' + (f'its VAE is in {os.path.join(directory, "vae")}'
+                      if os.path.isdir(os.path.join(directory, 'vae')) else
+                      'no VAE stored with it (pass --vae=stabilityai/sd-vae-ft-mse to add one, or '
+                      'name one at run time with --config.vae.source)'))
   if meta.get('source_weights') == 'ema':
     print('note: a train.py checkpoint: its EMA weights were imported')
   if meta.get('ignored_config_keys'):

@@ -12,6 +12,10 @@ class SourceUnavailableError(ConversionError):
   """The checkpoint files could not be found or downloaded; the message says what to do."""
 
 
+class MissingOnHubError(SourceUnavailableError):
+  """The Hub repository exists and was reached, but lacks the files asked for."""
+
+
 def tensor_mismatch(model: str, *, missing=(), unexpected=(), wrong=(), extra=()) -> ConversionError:
   """One error naming every problem of a state dict against the model its config describes
   (``model``, e.g. "UNet (ch=128, ...)"): missing tensors, unexpected ones (already formatted

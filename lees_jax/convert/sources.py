@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lees_jax.convert.errors import ConversionError, SourceUnavailableError
+from lees_jax.convert.errors import ConversionError, MissingOnHubError, SourceUnavailableError
 
 # The file layout of a diffusers model directory (or of its unet/ or transformer/ and
 # scheduler/ sub-folders in a pipeline snapshot).
@@ -109,12 +109,12 @@ def _read_json(path: str) -> dict:
   return value
 
 
-def _local_files(source: str) -> dict[str, str | None]:
-  """config / weights / scheduler paths inside a local directory (or its unet/ or transformer/
-  sub-folder)."""
+def _local_files(source: str, subfolders=MODEL_SUBFOLDERS) -> dict[str, str | None]:
+  """config / weights / scheduler paths inside a local directory (or one of its
+  ``subfolders``: unet/ or transformer/ by default, vae/ for an autoencoder)."""
   base = source
   if not os.path.isfile(os.path.join(source, CONFIG_FILE)):
-    for sub in MODEL_SUBFOLDERS:  # a pipeline snapshot: model files under unet/ or transformer/
+    for sub in subfolders:  # a pipeline snapshot: model files under unet/ or transformer/
       if os.path.isfile(os.path.join(source, sub, CONFIG_FILE)):
         base = os.path.join(source, sub)
         break
@@ -154,8 +154,10 @@ def _offline_help(repo: str, out: str) -> str:
           f'into a directory D, then run: python -m lees_jax.convert --source=D --out={out}')
 
 
-def _hub_files(repo: str, out: str) -> dict[str, str | None]:
-  """Downloads config, weights (safetensors, else .bin) and scheduler config from the Hub."""
+def _hub_files(repo: str, out: str, subfolders=(None,) + MODEL_SUBFOLDERS
+               ) -> dict[str, str | None]:
+  """Downloads config, weights (safetensors, else .bin) and scheduler config from the Hub, from
+  the first of ``subfolders`` (None: the repository's root) that has a config."""
   import huggingface_hub
   from huggingface_hub import errors as hf_errors
 
@@ -180,7 +182,7 @@ def _hub_files(repo: str, out: str) -> dict[str, str | None]:
     return huggingface_hub.hf_hub_download(repo, filename, subfolder=subfolder)
 
   config = subfolder = None
-  for sub in (None,) + MODEL_SUBFOLDERS:
+  for sub in subfolders:
     try:
       config = download(CONFIG_FILE, sub)
       subfolder = sub
@@ -189,8 +191,9 @@ def _hub_files(repo: str, out: str) -> dict[str, str | None]:
       if not absent_on_hub(e):
         fail(e)
   if config is None:
-    raise SourceUnavailableError(f'{HUB_URL}/{repo} has no {CONFIG_FILE} (at its root, in unet/ or '
-                                 'in transformer/); is it a diffusers UNet2DModel or DiT repository?')
+    where = ', '.join('its root' if s is None else f'{s}/' for s in subfolders)
+    raise MissingOnHubError(f'{HUB_URL}/{repo} has no {CONFIG_FILE} (looked in {where}); is it '
+                                 'a diffusers UNet2DModel, DiT or AutoencoderKL repository?')
   weights = None
   for name in (SAFETENSORS_FILE, BIN_FILE):
     try:
