@@ -122,7 +122,8 @@ def num_examples(data_config, split: str | None = None) -> int:
     from lees_jax import latents  # pylint: disable=g-import-not-at-top
     return len(latents.open_latents(_latents_dir(data_config, split)))
   if data_config.dataset == SUBSET:
-    return int(load_subset(split, data_config.get('subset_path', ''))[0].shape[0])
+    images = load_subset(split, data_config.get('subset_path', ''))[0]
+    return int(images[_split_slice(split, images.shape[0])].shape[0])
   from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
   splits = data_prep.prepare(data_config.dataset, data_config.data_dir or None).info.splits
   if split in splits:
@@ -176,6 +177,8 @@ def _subset_flips(seed: int, step: int, global_batch_size: int) -> np.ndarray:
 def _subset_iterator(data_config, split, global_batch_size, seed, start_step, random_flip,
                      process_index, process_count) -> Iterator[dict[str, np.ndarray]]:
   images, labels = load_subset(split, data_config.get('subset_path', ''))
+  sl = _split_slice(split, images.shape[0])
+  images, labels = images[sl], labels[sl]
   if images.shape[0] < 1:
     raise ValueError(f'split {split!r} of {SUBSET} is empty')
   rows = process_rows(global_batch_size, process_index, process_count)
