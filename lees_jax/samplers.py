@@ -12,7 +12,8 @@ paths:
   input and every unit sits behind ``lax.cond`` (one compilation for any mask);
 * ``'stacked'`` -- for a backbone whose units are one stack of identical blocks
   (``model.stack``, `lees_jax.models.backbone.Stack`: DiT): the block parameters are stacked
-  on a leading depth axis once per program call, and each step's model call runs a loop over
+  on a leading depth axis (once, by ``program.prepare_params``, or inside the program at each
+  call from ordinary params), and each step's model call runs a loop over
   only that step's kept block indices (from the traced (steps, K) mask matrix, as 'cond'),
   dynamic-indexing the stacked parameters: one compilation for any mask, one block body in the
   program, no ``lax.cond``, nothing computed for a skipped block;
@@ -110,6 +111,7 @@ class SampleProgram:
   sampler: str = ''                  # the solver, e.g. 'ddpm, 50 steps, variance fixed_large'
   conditioning: backbone.ClassConditioning | None = None
   guidance_scale: float = 1.0        # != 1: classifier-free guidance (two halves per call)
+  prepare: Callable | None = None    # 'stacked': params -> the stacked layout (jitted)
 
   def labels(self, rng) -> jax.Array | None:
     """The labels ``program(params, rng)`` samples (None for an unconditional backbone)."""
@@ -139,6 +141,13 @@ class SampleProgram:
       raise ValueError(f'labels must lie in [0, {n}] ({n} = the null class), got '
                        f'[{y.min()}, {y.max()}]')
     return jnp.asarray(y, jnp.int32)
+
+  def prepare_params(self, params):
+    """The params as this program runs them fastest, to make once and pass to every call:
+    the 'stacked' path's stacked layout (`lees_jax.models.backbone.Stack.prepare`; ordinary
+    params work too, stacked inside the program at each call, a copy of every block); other
+    paths' params as they are."""
+    return params if self.prepare is None else self.prepare(params)
 
   def __call__(self, params, rng, y=None):
     return self.jitted(*self._args(params, rng, y=y))
@@ -263,7 +272,7 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
   def steps(params, rng, y, state, mask_matrix):
     """Steps ``first``..S-1 from ``state`` (step noise keys fold_in(rng, i))."""
     if path == 'stacked':
-      stacked = stack.stacked_params(params)  # once per program call, outside the step loop
+      params, stacked = stack.split(params)  # either layout; stacked outside the step loop
       state = jax.lax.fori_loop(
           first, solver.num_steps,
           lambda i, s: step(params, rng, y, i, s, backbone.StackMask(stacked, mask_matrix[i])),
@@ -321,6 +330,7 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
     described += f' on {guidance_channels} of {channels} channels'
   fields = (jitted, operand, path, policy, masks, segments, policies.executed_block_ratio(masks),
             mc.flop_fraction(masks), batch_size, described, conditioning, guidance_scale)
+  prepare = jax.jit(stack.prepare) if stack is not None else None
   if start_step is None:
-    return SampleProgram(*fields)
-  return PartialSampleProgram(*fields, start_step=first)
+    return SampleProgram(*fields, prepare=prepare)
+  return PartialSampleProgram(*fields, prepare=prepare, start_step=first)

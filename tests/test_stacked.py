@@ -15,7 +15,7 @@ import pytest
 from jax.extend import core as jex_core
 
 from conftest import TINY_SPEC
-from lees_jax import ase, data, diffusion, gates, models, policies, samplers
+from lees_jax import ase, data, diffusion, evaluate, gates, models, policies, samplers
 from lees_jax.models import backbone
 
 T = 1000
@@ -131,6 +131,19 @@ def test_one_compilation_for_every_mask(dit, stacked):
   assert len(x.sharding.device_set) == 1 and x.sharding.mesh.axis_names == ('batch',)
   np.testing.assert_array_equal(np.asarray(x), out['all_on'])
   assert prog.jitted._cache_size() == 1
+  # The stacked layout, made once (prepare_params), runs the same program without the copy.
+  prepared = prog.prepare_params(params)
+  assert 'block_0' not in prepared and prepared['stacked_blocks']['mlp_in']['kernel'].shape == (
+      K, SPEC.hidden_size, SPEC.mlp_hidden)
+  _assert_close(prog.jitted(prepared, jax.random.PRNGKey(3),
+                            jnp.asarray(_masks(_policies()['random'], _solver()))), out['random'])
+  seg = samplers.compile_sampler(model, _solver(), policies.FullPolicy(), B)
+  assert seg.prepare_params(params) is params
+  # Evaluation prepares once and samples every batch with the stacked layout.
+  images = evaluate.generate(prog, params, 2 * B - 1, seed=0)
+  first = prog.jitted(prepared, jax.random.fold_in(jax.random.PRNGKey(0), 0), prog.operand)
+  np.testing.assert_array_equal(images[:B], data.to_uint8(first))
+  assert images.shape == (2 * B - 1, 8, 8, 4) and prog.jitted._cache_size() == 2
   np.testing.assert_array_equal(prog.operand, prog.masks)
   assert np.abs(out['all_on'] - out['all_off']).max() > 1e-2
   # A program built for another policy reports that policy's accounting, as every path does.

@@ -162,7 +162,14 @@ class Stack:
   `forward` runs it with the block parameters stacked on a leading depth axis
   (`stacked_params`) and a loop over the kept indices only: one block body in the program, a
   trip count that is data (the number kept), and nothing computed for a skipped block.
+
+  Stacking copies every block's parameters. `prepare` makes the *stacked layout* once (the
+  params without the block subtrees, plus ``params[STACKED]``), which `split` reads as it is;
+  from the ordinary layout `split` stacks (inside the caller's program, at every call). The
+  layout of saved checkpoints is the ordinary one.
   """
+  STACKED = 'stacked_blocks'  # the stacked layout's key (not a dataclass field)
+
   names: tuple[str, ...]
   prologue: Callable[[Any, Any, Any, Any], tuple[Any, Any]]  # (params, x, t, y) -> (h, ctx)
   block: Callable[[Any, Any, Any], Any]                      # (block params, h, ctx) -> h
@@ -180,6 +187,20 @@ class Stack:
                        f'{self.names[-1]})')
     return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves),
                                   *[params[n] for n in self.names])
+
+  def prepare(self, params):
+    """The stacked layout of ordinary ``params`` (already stacked ones are returned as they
+    are)."""
+    if self.STACKED in params:
+      return params
+    rest = {k: v for k, v in params.items() if k not in self.names}
+    return {**rest, self.STACKED: self.stacked_params(params)}
+
+  def split(self, params):
+    """(params, stacked block params) of either layout (the ordinary one is stacked here)."""
+    if self.STACKED in params:
+      return params, params[self.STACKED]
+    return params, self.stacked_params(params)
 
   def kept_indices(self, keep) -> tuple[jax.Array, jax.Array]:
     """(indices (depth,) int32, count) of a traced (depth,) keep vector: the kept block
