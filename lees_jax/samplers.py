@@ -194,7 +194,7 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
 
   ``path`` is one of `PATHS` (None: 'soft' for a soft policy, else 'segments'); 'stacked'
   needs a backbone with ``model.stack`` (`lees_jax.models.backbone.stack_of` refuses others).
-  Its program, like 'cond''s, takes the (steps, K) mask matrix as its traced operand, so one
+  Its program, like the 'cond' one, takes the (steps, K) mask matrix as its traced operand: one
   compilation serves every policy of the sampler.
 
   With a ``mesh`` the batch is sharded over its 'batch' axis and params are replicated.
