@@ -74,7 +74,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       # and at 50 steps the reading of "50 DDPM steps" closest to the paper's FID) or
       # 'fixed_large' (beta_t; about four times the FID at 50 steps, see README)
       variance='fixed_small',
-      path='segments',    # 'segments' (static masks per segment) or 'cond' (lax.cond per unit)
+      path='segments',    # 'segments' (static masks per segment), 'cond' (lax.cond per unit) or
+                          # 'stacked' (stacked blocks, a loop over the kept ones; DiT only)
       dtype='float32', batch_size=100))
 
   # Evaluation: policies are spec strings (see lees_jax/evaluate.py).

@@ -114,6 +114,7 @@ def load_results(path: str) -> list[dict]:
 def time_batch(program: samplers.SampleProgram, params, repeats: int) -> float:
   """Median wall time (ms) of one sampler call after a warm-up, synchronised on the result."""
   rng = jax.random.PRNGKey(12345)
+  params = program.prepare_params(params)  # once, as `generate` does
   program(params, rng).block_until_ready()
   times = []
   for _ in range(max(1, repeats)):
@@ -128,6 +129,7 @@ def generate(program: samplers.SampleProgram, params, num_samples: int, seed: in
   """``num_samples`` uint8 images; batch b uses the key fold_in(PRNGKey(seed), b).
   ``decode``: a latent backbone's latents -> images in [-1, 1] (`autoencoder.decoder`)."""
   base = jax.random.PRNGKey(seed)
+  params = program.prepare_params(params)  # the 'stacked' path's layout, made once
   n_batches = -(-num_samples // program.batch_size)
   out, t0 = [], time.perf_counter()
   for b in range(n_batches):

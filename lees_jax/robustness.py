@@ -169,6 +169,7 @@ class Robustness:
     noise_key, step_key = jax.random.split(jax.random.PRNGKey(int(seed)))
     bs = program.batch_size
     shape = (bs,) + images.shape[1:]
+    params = program.prepare_params(params)  # the 'stacked' path's layout, made once
     for b, start in enumerate(range(0, images.shape[0], bs)):
       chunk = images[start:start + bs]
       x0 = np.zeros(shape, np.float32)  # a short last batch is padded; its extra rows dropped

@@ -2,7 +2,7 @@
 
 A sampler is a *solver* (`lees_jax.solvers`: the update rule of one step, respaced DDPM, DDIM or
 DPM-Solver++(2M), with its per-step coefficients precomputed in float64) plus a *gate policy*.
-`compile_sampler` turns both into one jitted program ``fn(params, rng) -> x0`` along one of three
+`compile_sampler` turns both into one jitted program ``fn(params, rng) -> x0`` along one of four
 paths:
 
 * ``'segments'`` -- the policy's per-step masks are grouped into segments (runs of steps
@@ -10,6 +10,13 @@ paths:
   `gates.StaticMask`, so skipped units are absent from that loop's compiled code;
 * ``'cond'`` -- one ``fori_loop`` over all steps; the (steps, K) mask matrix is a traced
   input and every unit sits behind ``lax.cond`` (one compilation for any mask);
+* ``'stacked'`` -- for a backbone whose units are one stack of identical blocks
+  (``model.stack``, `lees_jax.models.backbone.Stack`: DiT): the block parameters are stacked
+  on a leading depth axis (once, by ``program.prepare_params``, or inside the program at each
+  call from ordinary params), and each step's model call runs a loop over
+  only that step's kept block indices (from the traced (steps, K) mask matrix, as 'cond'),
+  dynamic-indexing the stacked parameters: one compilation for any mask, one block body in the
+  program, no ``lax.cond``, nothing computed for a skipped block;
 * ``'soft'`` -- soft LEES gates: every unit runs and is blended with its skip by g(t).
 
 The gate forms (`lees_jax.gates`) carry each path into the backbone; the policy
@@ -55,7 +62,8 @@ from lees_jax.models import backbone
 from lees_jax.solvers import (SAMPLERS, VARIANCES, Solver, make_solver,  # noqa: F401
                               noise_to_step, solver_from_config, start_step)
 
-PATHS = ('segments', 'cond', 'soft')
+PATHS = ('segments', 'cond', 'stacked', 'soft')
+HARD_PATHS = ('segments', 'cond', 'stacked')  # 'stacked' only for backbones with model.stack
 # Labels drawn by a program come from fold_in(rng, LABEL_STREAM): apart from the split that
 # gives x_T and the step keys, so drawing labels changes no noise of an unconditional program.
 LABEL_STREAM = 0x6C61626C  # 'labl'
@@ -103,6 +111,7 @@ class SampleProgram:
   sampler: str = ''                  # the solver, e.g. 'ddpm, 50 steps, variance fixed_large'
   conditioning: backbone.ClassConditioning | None = None
   guidance_scale: float = 1.0        # != 1: classifier-free guidance (two halves per call)
+  prepare: Callable | None = None    # 'stacked': params -> the stacked layout (jitted)
 
   def labels(self, rng) -> jax.Array | None:
     """The labels ``program(params, rng)`` samples (None for an unconditional backbone)."""
@@ -132,6 +141,13 @@ class SampleProgram:
       raise ValueError(f'labels must lie in [0, {n}] ({n} = the null class), got '
                        f'[{y.min()}, {y.max()}]')
     return jnp.asarray(y, jnp.int32)
+
+  def prepare_params(self, params):
+    """The params as this program runs them fastest, to make once and pass to every call:
+    the 'stacked' path's stacked layout (`lees_jax.models.backbone.Stack.prepare`; ordinary
+    params work too, stacked inside the program at each call, a copy of every block); other
+    paths' params as they are."""
+    return params if self.prepare is None else self.prepare(params)
 
   def __call__(self, params, rng, y=None):
     return self.jitted(*self._args(params, rng, y=y))
@@ -176,6 +192,11 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
                     guidance_channels: int | None = None) -> SampleProgram:
   """One jitted program sampling ``batch_size`` images under ``policy``.
 
+  ``path`` is one of `PATHS` (None: 'soft' for a soft policy, else 'segments'); 'stacked'
+  needs a backbone with ``model.stack`` (`lees_jax.models.backbone.stack_of` refuses others).
+  Its program, like the 'cond' one, takes the (steps, K) mask matrix as its traced operand: one
+  compilation serves every policy of the sampler.
+
   With a ``mesh`` the batch is sharded over its 'batch' axis and params are replicated.
   ``start_step=i0`` gives a `PartialSampleProgram` running steps i0..S-1 from a given x
   (i0 = 0 included: the whole sampler from a given x_T); None, the default, the full sampler
@@ -211,7 +232,8 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
     raise ValueError(f'unknown sampling path {path!r}; choose one of {PATHS}')
   if policy.soft != (path == 'soft'):
     raise ValueError(f"policy {policy.kind!r} ({'soft' if policy.soft else 'hard'}) cannot use path "
-                     f"{path!r}: soft gates need path='soft', hard policies 'segments' or 'cond'")
+                     f"{path!r}: soft gates need path='soft', hard policies one of {HARD_PATHS}")
+  stack = backbone.stack_of(model, ('segments', 'cond')) if path == 'stacked' else None
   first = 0 if start_step is None else int(start_step)
   if start_step is not None:
     solver = solver.starting_at(first)
@@ -249,7 +271,13 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
 
   def steps(params, rng, y, state, mask_matrix):
     """Steps ``first``..S-1 from ``state`` (step noise keys fold_in(rng, i))."""
-    if path == 'segments':
+    if path == 'stacked':
+      params, stacked = stack.split(params)  # either layout; stacked outside the step loop
+      state = jax.lax.fori_loop(
+          first, solver.num_steps,
+          lambda i, s: step(params, rng, y, i, s, backbone.StackMask(stacked, mask_matrix[i])),
+          state)
+    elif path == 'segments':
       for seg in segments:
         mask = gating.StaticMask(seg.keep)
         body = functools.partial(lambda m, i, s: step(params, rng, y, i, s, m), mask)
@@ -290,7 +318,7 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
 
   if path == 'segments':
     operand = jnp.zeros((0,), bool)  # masks are baked into the program
-  elif path == 'cond':
+  elif path in ('cond', 'stacked'):
     operand = jnp.asarray(all_masks)
   else:
     # SoftGates blends each unit by sigmoid(logit) = g_k(t).
@@ -302,6 +330,7 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
     described += f' on {guidance_channels} of {channels} channels'
   fields = (jitted, operand, path, policy, masks, segments, policies.executed_block_ratio(masks),
             mc.flop_fraction(masks), batch_size, described, conditioning, guidance_scale)
+  prepare = jax.jit(stack.prepare) if stack is not None else None
   if start_step is None:
-    return SampleProgram(*fields)
-  return PartialSampleProgram(*fields, start_step=first)
+    return SampleProgram(*fields, prepare=prepare)
+  return PartialSampleProgram(*fields, prepare=prepare, start_step=first)

@@ -18,7 +18,6 @@ import numpy as np
 from lees_jax import diffusion
 
 SAMPLERS = ('ddpm', 'ddim', 'dpm_solver++')
-PATHS = ('segments', 'cond', 'soft')
 # The DDPM sampler's per-step variance (the names of improved-diffusion and diffusers):
 # 'fixed_large' = the (respaced) beta_t, 'fixed_small' = the posterior variance beta~_t,
 # 'learned_range' = the backbone's interpolation between the two in log space (needs a backbone

@@ -274,9 +274,18 @@ class DiTBlock(nn.Module):
     return x
 
 
+def _block(spec: DiTSpec, dtype, name: str | None = None) -> DiTBlock:
+  return DiTBlock(spec.hidden_size, spec.num_heads, spec.mlp_hidden, spec.mlp_norm_eps,
+                  dtype=dtype, name=name)
+
+
 class DiT(nn.Module):
   """Class-conditional DiT: ``apply({'params': p}, x, t, y)`` with x NHWC latents, integer
-  timesteps t and labels y (``num_classes`` = unconditional); returns (B, H, W, out_channels)."""
+  timesteps t and labels y (``num_classes`` = unconditional); returns (B, H, W, out_channels).
+
+  The forward pass is `embed` (patches, positions and the conditioning SiLU(c)), the ``depth``
+  blocks ``block_k`` through the gate form, then `head` (final adaLN layer, unpatchify); the
+  'stacked' sampling path runs the same three pieces (`stack`)."""
   spec: DiTSpec = DiTSpec()
   dtype: Any = jnp.float32
 
@@ -308,53 +317,75 @@ class DiT(nn.Module):
     # learn_sigma: channels [:C] are epsilon, [C:] the variance interpolation v (REFERENCE §9).
     return 'eps_variance' if self.spec.learn_sigma else 'eps'
 
-  @nn.compact
-  def __call__(self, x, t, y, *, gates=None, train: bool = False):
+  @property
+  def stack(self) -> backbone.Stack:
+    """The blocks as one stack of identical `DiTBlock`s (the 'stacked' sampling path): the
+    prologue is `embed` (context SiLU(c)), the epilogue `head`, both with the full params."""
+    block = _block(self.spec, self.dtype)
+    return backbone.Stack(
+        names=tuple(f'block_{k}' for k in range(self.spec.depth)),
+        prologue=lambda params, x, t, y: self.apply({'params': params}, x, t, y,
+                                                    method=DiT.embed),
+        block=lambda block_params, h, silu_c: block.apply({'params': block_params}, h, silu_c),
+        epilogue=lambda params, h, silu_c: self.apply({'params': params}, h, silu_c,
+                                                      method=DiT.head))
+
+  def setup(self):
+    spec, d, p = self.spec, self.spec.hidden_size, self.spec.patch_size
+    # Patches: a stride-p convolution (fan-in p*p*C, fan-out width for its Xavier init).
+    patch_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2))
+    self.patch_embed = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                               kernel_init=patch_init, bias_init=_zeros)
+    normal = nn.initializers.normal(0.02)
+    self.t_embed_in = nn.Dense(d, dtype=self.dtype, kernel_init=normal)
+    self.t_embed_out = nn.Dense(d, dtype=self.dtype, kernel_init=normal)
+    self.y_embed = nn.Embed(spec.num_classes + 1, d, dtype=self.dtype, embedding_init=normal)
+    self.blocks = [_block(spec, self.dtype, name=f'block_{k}') for k in range(spec.depth)]
+    self.final_modulation = nn.Dense(2 * d, dtype=self.dtype, kernel_init=_zeros)
+    self.final_norm = _layer_norm(1e-6, self.dtype, 'final_norm')
+    self.final_linear = nn.Dense(p * p * spec.out_channels, dtype=self.dtype, kernel_init=_zeros)
+
+  def embed(self, x, t, y, train: bool = False):
+    """(h, silu_c): the tokens (B, N, width) with positions, and SiLU(c), c = timestep
+    embedding + label embedding (labels dropped to the null class in training)."""
     spec = self.spec
     want = (spec.input_size, spec.input_size, spec.in_channels)
     if x.ndim != 4 or x.shape[1:] != want:
       raise ValueError(f'expected x of shape (batch, {", ".join(map(str, want))}) in NHWC, '
                        f'got {x.shape}')
-    batch, d, p, g = x.shape[0], spec.hidden_size, spec.patch_size, spec.grid
+    batch, d, g = x.shape[0], spec.hidden_size, spec.grid
     t = jnp.broadcast_to(jnp.asarray(t), (batch,))
     y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (batch,))
-    gates = gating.ALL_UNITS if gates is None else gates
-    gates.check(self.num_units)
-
-    # Patches: a stride-p convolution (fan-in p*p*C, fan-out width for its Xavier init).
-    patch_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2))
-    h = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                kernel_init=patch_init, bias_init=_zeros, name='patch_embed')(x.astype(self.dtype))
+    h = self.patch_embed(x.astype(self.dtype))
     h = h.reshape(batch, g * g, d) + jnp.asarray(position_embedding(g, d), self.dtype)
 
     # c = MLP(frequencies of t) + label embedding; the frequencies in the [cos, sin] order.
     freqs = layers.timestep_embedding(t, FREQUENCY_DIM, freq_shift=spec.time_freq_shift)
     freqs = jnp.concatenate([freqs[:, FREQUENCY_DIM // 2:], freqs[:, :FREQUENCY_DIM // 2]], -1)
-    normal = nn.initializers.normal(0.02)
-    t_emb = nn.Dense(d, dtype=self.dtype, kernel_init=normal, name='t_embed_in')(freqs)
-    t_emb = nn.Dense(d, dtype=self.dtype, kernel_init=normal, name='t_embed_out')(nn.silu(t_emb))
+    t_emb = self.t_embed_out(nn.silu(self.t_embed_in(freqs)))
     if train and spec.class_dropout_prob > 0:  # classifier-free guidance: learn the null class
       drop = jax.random.uniform(self.make_rng('dropout'), (batch,)) < spec.class_dropout_prob
       y = jnp.where(drop, spec.num_classes, y)
-    y_emb = nn.Embed(spec.num_classes + 1, d, dtype=self.dtype, embedding_init=normal,
-                     name='y_embed')(y)
-    silu_c = nn.silu(t_emb + y_emb)  # every adaLN modulation starts with SiLU(c): once here
+    return h, nn.silu(t_emb + self.y_embed(y))  # every adaLN modulation starts with SiLU(c)
 
+  def head(self, h, silu_c):
+    """The final adaLN layer and unpatchify: tokens -> (B, H, W, out_channels) float32."""
+    spec, p, g = self.spec, self.spec.patch_size, self.spec.grid
+    shift, scale = jnp.split(self.final_modulation(silu_c), 2, axis=-1)
+    h = self.final_linear(_modulate(self.final_norm(h), shift, scale))
+    # Unpatchify: token (i, j) holds its patch as (row, column, channel).
+    h = h.reshape(h.shape[0], g, g, p, p, spec.out_channels).transpose(0, 1, 3, 2, 4, 5)
+    return h.reshape(h.shape[0], g * p, g * p, spec.out_channels).astype(jnp.float32)
+
+  def __call__(self, x, t, y, *, gates=None, train: bool = False):
+    gates = gating.ALL_UNITS if gates is None else gates
+    gates.check(self.num_units)
+    h, silu_c = self.embed(x, t, y, train)
     run_block = lambda blk, h, c: blk(h, c)  # noqa: E731
     skip_block = lambda blk, h, c: blk.skip(h, c)  # noqa: E731
-    for k in range(spec.depth):
-      block = DiTBlock(d, spec.num_heads, spec.mlp_hidden, spec.mlp_norm_eps, dtype=self.dtype,
-                       name=f'block_{k}')
+    for k, block in enumerate(self.blocks):
       h = gates.run(k, block, run_block, skip_block, h, silu_c)
-
-    shift, scale = jnp.split(nn.Dense(2 * d, dtype=self.dtype, kernel_init=_zeros,
-                                      name='final_modulation')(silu_c), 2, axis=-1)
-    h = _modulate(_layer_norm(1e-6, self.dtype, 'final_norm')(h), shift, scale)
-    h = nn.Dense(p * p * spec.out_channels, dtype=self.dtype, kernel_init=_zeros,
-                 name='final_linear')(h)
-    # Unpatchify: token (i, j) holds its patch as (row, column, channel).
-    h = h.reshape(batch, g, g, p, p, spec.out_channels).transpose(0, 1, 3, 2, 4, 5)
-    return h.reshape(batch, g * p, g * p, spec.out_channels).astype(jnp.float32)
+    return self.head(h, silu_c)
 
 
 def _build(model_config, dtype) -> DiT:
