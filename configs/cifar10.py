@@ -112,7 +112,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       reweight='paper',       # lambda(t): 'paper' = 1 + reweight_coef * t for reweight_steps
       reweight_coef=1.0,      #   steps, then 1 (our reading of §3.3); 'none' = 1 (released code)
       reweight_steps=20_000,
-      freeze_time_embedding=False,  # True: temb_dense_* stay bitwise fixed
+      freeze_time_embedding=False,  # True: the timestep MLP stays bitwise fixed
       # Dropout: config.model.dropout, in train mode (the paper fine-tunes normally).
       log_every=100, checkpoint_every=2000, keep_checkpoints=3))
 

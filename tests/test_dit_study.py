@@ -9,6 +9,7 @@ to the next.
 import json
 import os
 
+import jax
 import numpy as np
 
 from configs import imagenet256_dit
@@ -52,9 +53,15 @@ def test_tiny_dit_runs_every_mode(tmp_path):
   lees_main.run_mode(_config('train_gates', **with_backbone, **{'gates.num_train_steps': 4}),
                      os.path.join(w, 'gates'))
   assert os.path.isfile(os.path.join(w, 'gates', 'gates.json'))
-  lees_main.run_mode(_config('ase_finetune', **with_backbone, **{'ase_ft.num_train_steps': 4}),
-                     os.path.join(w, 'aseft'))
+  lees_main.run_mode(_config('ase_finetune', **with_backbone, **{
+      'ase_ft.num_train_steps': 4, 'ase_ft.freeze_time_embedding': True}), os.path.join(w, 'aseft'))
   assert os.path.isdir(os.path.join(w, 'aseft', 'backbone', 'vae'))
+  # DiT's timestep MLP stays bitwise as loaded; the blocks moved.
+  _, before = checkpoints.load_backbone_params(pre)
+  _, after = checkpoints.load_backbone_params(os.path.join(w, 'aseft'))
+  for name in ('t_embed_in', 't_embed_out'):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, after[name], before[name])
+  assert not np.array_equal(after['block_0']['mlp_in']['kernel'], before['block_0']['mlp_in']['kernel'])
 
   results = lees_main.run_mode(
       _config('evaluate', backbone=pre, **{'sampler.path': 'stacked', 'eval.policies': (

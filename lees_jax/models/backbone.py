@@ -10,6 +10,8 @@ rest of the package reads -- and nothing else is read:
 * ``input``: pixels or latents, and their shape (`InputSpec`);
 * ``conditioning``: ``None`` or `ClassConditioning` (with the null class used for guidance);
 * ``output``: ``'eps'`` or ``'eps_variance'`` (epsilon plus a learned variance);
+* ``time_embedding``: the top-level parameter subtrees of its timestep MLP (what ASE
+  fine-tuning's ``freeze_time_embedding`` freezes);
 * ``init_params(rng)``: the full parameter tree;
 * optionally ``stack``: a `Stack` when the gateable units are one stack of identical blocks
   (DiT), which the 'stacked' sampling path needs (`stack_of`); absent or None otherwise.

@@ -312,6 +312,8 @@ class DiT(nn.Module):
   def conditioning(self) -> backbone.ClassConditioning:
     return backbone.ClassConditioning(self.spec.num_classes, null_class=self.spec.num_classes)
 
+  time_embedding = ('t_embed_in', 't_embed_out')  # the timestep MLP's parameter subtrees
+
   @property
   def output(self) -> str:
     # learn_sigma: channels [:C] are epsilon, [C:] the variance interpolation v (REFERENCE §9).

@@ -238,6 +238,7 @@ class UNet(nn.Module):
 
   conditioning = None  # unconditional
   output = 'eps'
+  time_embedding = ('temb_dense_0', 'temb_dense_1')  # the timestep MLP's parameter subtrees
 
   @nn.compact
   def __call__(self, x, t, *, gates=None, train: bool = False):

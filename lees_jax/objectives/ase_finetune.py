@@ -57,10 +57,6 @@ def ase_time_weight(t, num_timesteps: int, step, reweight: str = 'paper', coef: 
   raise ValueError(f'config.ase_ft.reweight must be one of {ASE_REWEIGHTS}, got {reweight!r}')
 
 
-def _is_time_embedding(path: tuple[str, ...]) -> bool:
-  return path[0].startswith('temb_dense')
-
-
 def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   """ASE fine-tuning: the backbone (its EMA params) trained under a fixed ASE schedule.
 
@@ -82,7 +78,8 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
 
   AdamW, constant (or cosine) learning rate, dropout as in pretraining
   (config.model.dropout), EMA from the loaded parameters. With
-  ``config.ase_ft.freeze_time_embedding`` the temb_dense_* layers are frozen (not in the
+  ``config.ase_ft.freeze_time_embedding`` the timestep MLP (``model.time_embedding``: the
+  UNet's temb_dense_*, DiT's t_embed_in/out) is frozen (not in the
   trainable partition, never updated). ``backbone`` params replace config.backbone
   (tests, benchmarks).
 
@@ -110,7 +107,9 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
     params, backbone_dir = backbone, '<given parameters>'
   params = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(params))
   freeze = bool(ac.freeze_time_embedding)
-  trainable, frozen = partition(params, lambda path, leaf: not (freeze and _is_time_embedding(path)))
+  # The backbone names its timestep-MLP subtrees (UNet: temb_dense_*; DiT: t_embed_in/out).
+  trainable, frozen = partition(
+      params, lambda path, leaf: not (freeze and path[0] in model.time_embedding))
   schedule = diffusion.schedule_from_config(config.diffusion)
   T = schedule.num_steps
   keep_table = policy.step_masks(np.arange(T), T, K)  # (T, K): unit k runs at timestep t
