@@ -128,14 +128,27 @@ class TimedStep:
     return time.perf_counter() - t0
 
 
+def training_batches(config, objective: Objective, *, global_batch_size: int, seed: int,
+                     start_step: int = 0):
+  """The objective's stream of ``config.data``: images, or a latent backbone's precomputed
+  latents (`lees_jax.latents`; never images, which it cannot denoise)."""
+  from lees_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.build_model(config.model)
+  if model.input.kind == 'latents' and not config.data.get('latents_dir'):
+    raise ValueError(f'{type(model).__name__} denoises VAE latents: set config.data.latents_dir to '
+                     'the directory the `latents` mode wrote (python -m lees_jax.main '
+                     '--config=... --config.mode=latents --workdir=W writes W/latents)')
+  return data.train_iterator(config.data, global_batch_size=global_batch_size, seed=seed,
+                             start_step=start_step, random_flip=objective.random_flip)
+
+
 def time_steps(objective: Objective, config, num_steps: int, *, mesh=None) -> dict:
   """Times ``num_steps`` real steps of ``objective`` on real batches of ``config.data``
   (loading included; the first, warm-up step excluded); the median and the compile time."""
   mesh = data.make_mesh() if mesh is None else mesh
   batch_size = int(objective.section.batch_size)
   data.check_batch_size(batch_size, mesh)
-  batches = data.train_iterator(config.data, global_batch_size=batch_size, seed=0,
-                                random_flip=objective.random_flip)
+  batches = training_batches(config, objective, global_batch_size=batch_size, seed=0)
   step = TimedStep(objective, mesh)
   t0 = time.perf_counter()
   step(data.shard_batch(next(batches), mesh))  # compile + first step
@@ -234,8 +247,8 @@ def train(config, workdir: str, objective: Objective, *, mesh=None) -> dict:
     writer.write_hparams(_flat_config(config))
 
   step_fn = make_train_step(objective, mesh)
-  batches = data.train_iterator(config.data, global_batch_size=global_batch, seed=config.seed,
-                                start_step=start, random_flip=objective.random_flip)
+  batches = training_batches(config, objective, global_batch_size=global_batch, seed=config.seed,
+                             start_step=start)
   log_every = max(1, int(section.log_every))
   ckpt_every = max(1, int(section.checkpoint_every))
   pending: list[dict] = []

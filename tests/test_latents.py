@@ -104,3 +104,13 @@ def test_adm_center_crop():
   out = data.adm_center_crop(big, 8)
   assert out.shape == (8, 8, 3)
   assert out[4, 4, 0] > 200 and out[0, 0, 0] < 30 and out[7, 7, 0] < 30 and out[4, 0, 0] < 30
+
+
+def test_a_latent_backbone_never_trains_on_images():
+  import types
+  from configs import imagenet256_dit
+  from lees_jax import train
+  c = imagenet256_dit.get_config('tiny')
+  with pytest.raises(ValueError, match='DiT denoises VAE latents: set config.data.latents_dir'):
+    train.training_batches(c, types.SimpleNamespace(random_flip=False), global_batch_size=8,
+                           seed=0)

@@ -24,7 +24,7 @@ from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
 from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, batch_labels,
-                                      check_training_data, draw_t_noise, merge, num_steps,
+                                      draw_t_noise, merge, num_steps,
                                       partition, sampler_timesteps)
 
 ASE_SCHEDULE_FILE = 'ase_schedule.json'
@@ -96,7 +96,6 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   if ac.lr_schedule not in ('constant', 'cosine'):
     raise ValueError(f"config.ase_ft.lr_schedule must be 'constant' or 'cosine', got {ac.lr_schedule!r}")
   model = models.build_model(config.model)
-  check_training_data(model, config.data)
   units = model.units
   unit_names = [u.name for u in units]
   K = len(units)

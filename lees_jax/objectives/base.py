@@ -95,14 +95,6 @@ def batch_labels(model, batch: dict):
   return jnp.asarray(batch['label'], jnp.int32)
 
 
-def check_training_data(model, data_config) -> None:
-  """A latent backbone trains on precomputed latents (`lees_jax.latents`), never on images."""
-  if model.input.kind == 'latents' and not data_config.get('latents_dir'):
-    raise ValueError(f'{type(model).__name__} denoises VAE latents: set config.data.latents_dir to '
-                     'the directory the `latents` mode wrote (python -m lees_jax.main '
-                     '--config=... --config.mode=latents --workdir=W writes W/latents)')
-
-
 def num_steps(section, data_config) -> int:
   """``section.num_train_steps`` when > 0, else ``num_epochs`` passes over the training split."""
   if section.get('num_train_steps', -1) > 0:

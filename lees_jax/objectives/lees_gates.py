@@ -28,7 +28,7 @@ from lees_jax import files
 from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
-from lees_jax.objectives.base import (Objective, Pytree, batch_labels, check_training_data,
+from lees_jax.objectives.base import (Objective, Pytree, batch_labels,
                                       draw_t_noise, num_steps, sampler_timesteps)
 
 GATES_FILE = policies.GATES_FILE
@@ -92,7 +92,6 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
   else:
     backbone_dir = '<given parameters>'
   model = models.build_model(config.model)
-  check_training_data(model, config.data)
   unit_names = [u.name for u in model.units]
   K = len(unit_names)
   schedule = diffusion.schedule_from_config(config.diffusion)

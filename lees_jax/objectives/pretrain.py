@@ -25,7 +25,7 @@ from lees_jax import diffusion
 from lees_jax import files
 from lees_jax import models
 from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, batch_labels,
-                                      check_training_data, draw_t_noise, num_steps)
+                                      draw_t_noise, num_steps)
 
 
 def pretrain_objective(config) -> Objective:
@@ -34,7 +34,6 @@ def pretrain_objective(config) -> Objective:
   Metrics: 'mse' and, for a learned variance, 'vb' (batch means; loss = mse + vb)."""
   pc = config.pretrain
   model = models.build_model(config.model)
-  check_training_data(model, config.data)
   schedule = diffusion.schedule_from_config(config.diffusion)
   T = schedule.num_steps
   lr = optax.linear_schedule(0.0, pc.learning_rate, max(1, pc.warmup_steps)) \
