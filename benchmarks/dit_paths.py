@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import train_step  # noqa: E402
 from lees_jax import ase, diffusion, models, policies, samplers  # noqa: E402
 
 PATHS = ('segments', 'cond', 'stacked')
@@ -83,15 +84,8 @@ def prepare(prog, params, repeats: int = 3):
 
 def time_interleaved(runs: dict, repeats: int) -> dict:
   """Median seconds of each run, the runs timed in turn after one warm-up each."""
-  for run in runs.values():
-    run()
-  times = {name: [] for name in runs}
-  for _ in range(repeats):
-    for name, run in runs.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  return {name: statistics.median(ts) for name, ts in
+          train_step.time_interleaved(runs, repeats).items()}
 
 
 def main(argv=None):

@@ -183,26 +183,8 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
   spec = models.spec_from_config(model_config)
   model = models.build_model(model_config)
   abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
-  flat: dict[tuple[str, ...], np.ndarray] = {}
-  used: set[str] = set()
-  missing, wrong, copies = [], [], []
-  for path, leaf in sorted(traverse_util.flatten_dict(abstract).items()):
-    name, ours = diffusers_name(path), '/'.join(path)
-    want = layout.torch_shape(tuple(leaf.shape), path[-1])
-    if name not in state_dict:
-      missing.append(f'{name} (shape {want}, for {ours})')
-      continue
-    used.add(name)
-    array = np.asarray(state_dict[name])
-    if tuple(array.shape) != want:
-      wrong.append(f'{name}: shape {tuple(array.shape)}, expected {want} (for {ours})')
-    elif not np.issubdtype(array.dtype, np.floating) and array.dtype.name != 'bfloat16':
-      wrong.append(f'{name}: dtype {array.dtype}, expected a floating-point tensor (for {ours})')
-    elif not np.isfinite(converted := layout.to_flax(array, path[-1])).all():
-      wrong.append(f'{name}: {int((~np.isfinite(converted)).sum())} non-finite value(s) of '
-                   f'{converted.size} (for {ours})')
-    else:
-      flat[path] = converted
+  flat, used, missing, wrong = layout.collect_tensors(abstract, state_dict, diffusers_name)
+  copies = []
   _check_embedding_copies(state_dict, spec.depth, copies, used)
   if POS_EMBED_KEY in state_dict:
     used.add(POS_EMBED_KEY)

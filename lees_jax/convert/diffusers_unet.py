@@ -286,42 +286,15 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
   levels = len(model_config.ch_mult)
   model = models.build_model(model_config)
   abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
-  expected = traverse_util.flatten_dict(abstract)
   tensors, stored_as, scheme = _normalize(state_dict)
 
   def shown(name: str) -> str:  # the name as the checkpoint spells it
     return f'{stored_as[name]} (= {name})' if name in stored_as else name
 
-  flat: dict[tuple[str, ...], np.ndarray] = {}
-  used: set[str] = set()
-  missing, wrong = [], []
-  for path, leaf in sorted(expected.items()):
-    name = diffusers_name(path, levels)
-    want = layout.torch_shape(tuple(leaf.shape), path[-1])
-    ours = '/'.join(path)
-    if name not in tensors:
-      alias = f' (old name {_old_form(name)})' if scheme == 'old' and _old_form(name) != name else ''
-      missing.append(f'{name}{alias} (shape {want}, for {ours})')
-      continue
-    used.add(name)
-    array = np.asarray(tensors[name])
-    if tuple(array.shape) != want:
-      wrong.append(f'{shown(name)}: shape {tuple(array.shape)}, expected {want} (for {ours})')
-      continue
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != 'bfloat16':
-      wrong.append(f'{shown(name)}: dtype {array.dtype}, expected a floating-point tensor '
-                   f'(for {ours})')
-      continue
-    # float16 / bfloat16 / float64 are converted to float32 (exact for the half types).
-    converted = layout.to_flax(array, path[-1])
-    finite = np.isfinite(converted)
-    if not finite.all():
-      n_nan = int(np.isnan(converted).sum())
-      n_inf = int(converted.size - finite.sum()) - n_nan
-      wrong.append(f'{shown(name)}: {n_nan} NaN and {n_inf} Inf value(s) of {converted.size} '
-                   f'(dtype {array.dtype}), expected finite values (for {ours})')
-      continue
-    flat[path] = converted
+  flat, used, missing, wrong = layout.collect_tensors(
+      abstract, tensors, lambda path: diffusers_name(path, levels), shown=shown,
+      missing_note=lambda name: (f' (old name {_old_form(name)})'
+                                 if scheme == 'old' and _old_form(name) != name else ''))
   unexpected = sorted(set(tensors) - used)
   if missing or wrong or unexpected:
     raise tensor_mismatch(

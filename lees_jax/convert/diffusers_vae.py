@@ -197,31 +197,11 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
   def shown(name):  # as the checkpoint spells it
     return f'{stored_as[name]} (= {name})' if name in stored_as else name
 
-  flat: dict[tuple[str, ...], np.ndarray] = {}
-  used: set[str] = set()
-  missing, wrong = [], []
-  for path, leaf in sorted(traverse_util.flatten_dict(abstract).items()):
-    name, ours = diffusers_name(path), '/'.join(path)
-    want = layout.torch_shape(tuple(leaf.shape), path[-1])
-    if name not in tensors:
-      missing.append(f'{name} (shape {want}, for {ours})')
-      continue
-    used.add(name)
-    array = np.asarray(tensors[name])
-    if tuple(array.shape) != want:
-      hint = (' (a 1x1 conv kernel: diffusers, too, loads attention projections only as '
-              'Linear weights)' if len(want) == 2 and array.ndim > 2 else '')
-      wrong.append(f'{shown(name)}: shape {tuple(array.shape)}, expected {want}{hint} (for {ours})')
-    elif not np.issubdtype(array.dtype, np.floating) and array.dtype.name != 'bfloat16':
-      wrong.append(f'{shown(name)}: dtype {array.dtype}, expected a floating-point tensor '
-                   f'(for {ours})')
-    elif not np.isfinite(converted := layout.to_flax(array, path[-1])).all():
-      n_nan = int(np.isnan(converted).sum())
-      n_inf = int((~np.isfinite(converted)).sum()) - n_nan
-      wrong.append(f'{shown(name)}: {n_nan} NaN and {n_inf} Inf value(s) of {converted.size} '
-                   f'(for {ours})')
-    else:
-      flat[path] = converted
+  flat, used, missing, wrong = layout.collect_tensors(
+      abstract, tensors, diffusers_name, shown=shown,
+      shape_note=lambda want, array: (' (a 1x1 conv kernel: diffusers, too, loads attention '
+                                      'projections only as Linear weights)'
+                                      if len(want) == 2 and array.ndim > 2 else ''))
   unexpected = sorted(set(tensors) - used)
   if missing or wrong or unexpected:
     raise tensor_mismatch(
