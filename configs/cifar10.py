@@ -124,6 +124,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       lams=(0.01, 0.05, 0.1), main_lam=0.05, seeds=(0, 1, 2, 3, 4),
       flop_weighted_lams=(0.01, 0.05, 0.1),  # extra sweep rows with gates.regularizer='flops'
       baselines=('full', 'ase_default', 'ase_grid'),  # B1, B2, B3 (frozen backbone)
+      ase_rows=(),  # more of ASE's Table 5 rows as frozen-backbone cells, e.g. ('D2', 'D4', 'D7')
       # B2-ft, B3-ft: B2's and B3's schedules with the backbone fine-tuned under each as ASE
       # does (config.ase_ft; once per schedule, shared by the seeds)
       ase_finetuned=True,

@@ -83,8 +83,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.ase.update(grid_num_samples=1000)
   # ASE fine-tuning of DiT: AdamW 2e-5, batch 64, EMA, constant rate (DiT's recipe).
   c.ase_ft.update(schedule='D3', batch_size=64, lr_schedule='constant')
+  # The study on DiT: B1, ASE's Table 5 rows (D3 is B2; D2, D4, D7 as rows), B3, the LEES sweep.
   c.experiment.update(seeds=(0,), flop_weighted_lams=(), ablations=(), robustness=False,
-                      ase_finetuned=False, sample_grid=64)
+                      ase_finetuned=False, sample_grid=64, ase_rows=('D2', 'D4', 'D7'))
 
   if preset == 'tiny':
     c.model.update(size='', hidden_size=64, depth=4, num_heads=4, patch_size=2, input_size=8,
@@ -106,5 +107,5 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.ase_ft.update(batch_size=8, num_train_steps=20, reweight_steps=10, learning_rate=1e-3,
                     ema_decay=0.9, log_every=5, checkpoint_every=10)
     c.experiment.update(lams=(0.05,), seeds=(0,), fid_method='svd', overhead_steps=2,
-                        baselines=('full', 'ase_default'), sample_grid=8)
+                        baselines=('full', 'ase_default'), sample_grid=8, ase_rows=('D7',))
   return c

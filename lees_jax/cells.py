@@ -46,6 +46,7 @@ class Cell:
                             # kind 'ase_ft': the baseline whose schedule is fine-tuned
   train_form: str = 'hard'  # kind 'lees': the form they are trained with
   regularizer: str = 'mean'  # kind 'lees': the compute term (see `objectives.lees_gates`)
+  schedule: str = 'ase_default'  # kind 'ase': the ASE schedule (B2's, or a Table 5 row)
 
 
 BASELINES = ('full', 'ase_default', 'ase_grid')
@@ -59,6 +60,10 @@ ABLATION_LABELS = {'soft': 'A1 soft inference', 'soft_trained': "A1' soft-traine
 # B2-ft / B3-ft: B2's and B3's schedules with the backbone fine-tuned under each (config.ase_ft).
 FINETUNED_LABELS = {'ase_default': 'B2-ft ASE-default fine-tuned',
                     'ase_grid': 'B3-ft ASE-grid fine-tuned'}
+
+
+def ase_row_label(row: str) -> str:
+  return f'ASE {row}'
 
 
 def lees_label(lam: float, regularizer: str = 'mean') -> str:
@@ -78,6 +83,10 @@ def plan_cells(ex) -> list[Cell]:
                      f'choose from {BASELINES} and {ABLATIONS}')
   if not ex.seeds:
     raise ValueError('experiment.seeds is empty')
+  from lees_jax import ase  # pylint: disable=g-import-not-at-top
+  bad_rows = [r for r in ex.get('ase_rows', ()) if r not in ase.D_FRACTIONS]
+  if bad_rows:
+    raise ValueError(f'unknown experiment.ase_rows {bad_rows}; Table 5 has {sorted(ase.D_FRACTIONS)}')
   if {'random', 'soft', 'soft_trained'} & set(ex.ablations) and main not in lams:
     raise ValueError(f'experiment.main_lam={main:g} must be one of experiment.lams {lams} '
                      '(A1, A1\' and A3 are defined relative to it)')
@@ -88,6 +97,9 @@ def plan_cells(ex) -> list[Cell]:
       cells.append(Cell(f'b1_full_s{s}', 'baseline', 'B1 full', 'full', s))
     if 'ase_default' in ex.baselines:
       cells.append(Cell(f'b2_ase_default_s{s}', 'baseline', 'B2 ASE-default', 'ase', s))
+    for row in ex.get('ase_rows', ()):  # Table 5's other D-n rows, frozen backbone
+      cells.append(Cell(f'ase_{row}_s{s}', 'baseline', ase_row_label(row), 'ase', s,
+                        schedule=row))
     for lam in lams:
       cells.append(Cell(f'lees_lam{lam:g}_s{s}', 'lees', lees_label(lam), 'lees', s, lam))
     for lam in flop_lams:
@@ -118,6 +130,7 @@ def label_order(ex) -> list[str]:
   """Labels in table order (B1, B2, B3, LEES sweep, A1, A1', A2, A3), restricted to the config."""
   out = [l for b, l in (('full', 'B1 full'), ('ase_default', 'B2 ASE-default'),
                         ('ase_grid', 'B3 ASE-grid')) if b in ex.baselines]
+  out += [ase_row_label(row) for row in ex.get('ase_rows', ())]
   if ex.ase_finetuned:
     out += [FINETUNED_LABELS[b] for b in ('ase_default', 'ase_grid') if b in ex.baselines]
   out += [lees_label(float(x)) for x in ex.lams]

@@ -198,7 +198,7 @@ class _Runner:
     if cell.kind == 'full':
       return 'full'
     if cell.kind == 'ase':
-      return 'ase:ase_default'
+      return f'ase:{cell.schedule}'
     if cell.kind == 'ase_grid':
       rec_extra['ase_grid_pick'] = self.ase_grid_pick()
       return 'ase_grid:' + files.join(self.out, 'ase_grid', 'pareto.json')
@@ -244,7 +244,7 @@ class _Runner:
     """(resolved policy named as the records name it, key of its reusable program or None)."""
     from lees_jax import evaluate  # pylint: disable=g-import-not-at-top
     spec = self.policy_spec(cell, cdir, rec_extra)
-    names = {'full': 'full', 'ase': 'ase_default', 'ase_grid': 'ase_grid'}
+    names = {'full': 'full', 'ase': cell.schedule, 'ase_grid': 'ase_grid'}
     if cell.kind == 'random':
       name = f'random_{rec_extra["random_keep_fraction"]:.3f}_s{cell.seed}'
     else:

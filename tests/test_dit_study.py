@@ -78,4 +78,5 @@ def test_tiny_dit_runs_every_mode(tmp_path):
   assert not summary['failed_cells']
   report = open(os.path.join(w, 'exp', 'report', 'report.md')).read()
   assert 'B1 full' in report and 'B2 ASE-default' in report and 'LEES λ=0.05' in report
+  assert 'ASE D7' in report  # a Table 5 row as a cell of its own
   json.dumps(summary)  # the summary is plain JSON
