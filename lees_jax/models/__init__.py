@@ -14,5 +14,5 @@ from lees_jax.models.unet import UNet, UNetSpec
 from lees_jax.models.uvit import UViT, UViTSpec
 
 __all__ = ['ClassConditioning', 'DiT', 'DiTSpec', 'InputSpec', 'UNet', 'UNetSpec', 'UViT',
-           'UViTSpec', 'Unit', 'architecture_differences', 'build_model', 'compute_dtype', 'count_params', 'dit_size',
-           'init_params', 'names', 'predict_eps', 'spec_from_config']
+           'UViTSpec', 'Unit', 'architecture_differences', 'build_model', 'compute_dtype',
+           'count_params', 'dit_size', 'init_params', 'names', 'predict_eps', 'spec_from_config']

@@ -17,8 +17,8 @@ The network, as ``libs/uvit.py``'s ``UViT`` computes it (NHWC here, NCHW there):
   scaled by head_dim^-0.5, ``qkv`` one Linear (bias iff ``qkv_bias``) whose outputs are
   (q, k, v) x heads x head_dim, torch's LayerNorm (eps 1e-5, affine) and exact (erf) GELU
   (``nn.GELU()``, timm's ``Mlp`` default);
-* the head: LayerNorm, Linear(width -> p^2 C) on the patch tokens (the original applies it to
-  every token and drops the extra ones after: the same numbers), unpatchify
+* the head: LayerNorm, Linear(width -> p^2 C) on the patch tokens (the original applies both to
+  every token and drops the extra ones after: per token, the same numbers), unpatchify
   (``B (h w) (p1 p2 C) -> B C (h p1) (w p2)``), and a 3 x 3 convolution if ``conv``.
 
 Gateable units are the blocks in execution order: in-blocks ('encoder'), the mid-block
@@ -28,8 +28,8 @@ skip_linear to (x, skip) -- ASE's rule: it keeps the linear layer on the long sk
 skips the attention and MLP. ASE drops decoder blocks only.
 
 FLOPs follow `lees_jax.models.dit` (a multiply-add is 2, plus per-element charges measured
-from XLA's cost analysis: exact GELU 64, SiLU 4, a LayerNorm 6 per element + 2 per row, a
-softmax row of n entries 4n - 1); tests/test_uvit.py checks them against XLA.
+from XLA's cost analysis: exact GELU 64, SiLU 4, a LayerNorm with scale and bias 8 per
+element + 2 per row, a softmax row of n entries 4n - 1); tests/test_uvit.py checks them against XLA.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ PUBLIC_CONFIGS = {
 
 
 def _layer_norm_flops(rows: int, d: int) -> float:
-  return 6.0 * rows * d + 2.0 * rows
+  return 8.0 * rows * d + 2.0 * rows  # with scale and bias
 
 
 def _dense(n: int, cin: int, cout: int, bias: bool = True) -> float:
@@ -195,9 +195,10 @@ def always_flops(spec: UViTSpec) -> float:
   if spec.mlp_time_embed:
     time += _dense(1, d, 4 * d) + _SILU * 4 * d + _dense(1, 4 * d, d)
   positions = spec.num_tokens * d
-  head = _layer_norm_flops(spec.num_tokens, d) + _dense(spec.num_patches, d, spec.patch_dim)
-  if spec.conv:
-    head += 2.0 * hw * 9 * c * c + hw * c
+  head = _layer_norm_flops(spec.num_patches, d) + _dense(spec.num_patches, d, spec.patch_dim)
+  if spec.conv:  # 3 x 3, zero padding: the taps on the padding are not counted (as XLA)
+    taps = 3 * spec.img_size - 2
+    head += 2.0 * taps * taps * c * c + hw * c
   return patches + time + positions + head
 
 
@@ -371,7 +372,7 @@ class UViT(nn.Module):
     """Final norm, the per-patch prediction, unpatchify, the 3 x 3 convolution."""
     s = self.spec
     p, g, c = s.patch_size, s.grid, s.in_chans
-    h = self.decoder_pred(self.norm(h)[:, s.extras:])
+    h = self.decoder_pred(self.norm(h[:, s.extras:]))  # per token: the extra ones dropped first
     h = h.reshape(h.shape[0], g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     h = h.reshape(h.shape[0], g * p, g * p, c)
     if s.conv:
