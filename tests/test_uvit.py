@@ -423,8 +423,10 @@ def test_convert_routes_and_refusals(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 # Decoder blocks kept per tenth of time, [0, 0.1] first (ASE's Table 5, U-ViT rows).
-TABLE5_UVIT = {'D1-U-ViT': (6, 6, 4, 4, 2, 2, 2, 2, 1, 1), 'D2-U-ViT': (5, 5, 4, 4, 2, 2, 1, 1, 1, 1),
-               'D3-U-ViT': (3, 3, 2, 2, 2, 2, 1, 1, 1, 1), 'D6-U-ViT': (2, 2, 2, 2, 1, 1, 1, 1, 1, 1)}
+TABLE5_UVIT = {'D1-U-ViT': (6, 6, 4, 4, 2, 2, 2, 2, 1, 1),
+               'D2-U-ViT': (5, 5, 4, 4, 2, 2, 1, 1, 1, 1),
+               'D3-U-ViT': (3, 3, 2, 2, 2, 2, 1, 1, 1, 1),
+               'D6-U-ViT': (2, 2, 2, 2, 1, 1, 1, 1, 1, 1)}
 
 
 @pytest.mark.parametrize('name', sorted(TABLE5_UVIT))

@@ -66,9 +66,10 @@ def main(argv=None) -> int:
     meta = json.load(f)
   m = meta['model']
   if m['name'] == 'uvit':
-    print(f'wrote {directory}: {meta["num_params"]:,} parameters, U-ViT embed_dim={m["embed_dim"]}, '
-          f'depth={m["depth"]}, num_heads={m["num_heads"]}, patch_size={m["patch_size"]}, '
-          f'img_size={m["img_size"]}, num_classes={m["num_classes"]}, from {meta["source"]}; '
+    print(f'wrote {directory}: {meta["num_params"]:,} parameters, U-ViT '
+          f'embed_dim={m["embed_dim"]}, depth={m["depth"]}, num_heads={m["num_heads"]}, '
+          f'patch_size={m["patch_size"]}, img_size={m["img_size"]}, '
+          f'num_classes={m["num_classes"]}, from {meta["source"]}; '
           f'diffusion: {meta["diffusion"]} (sample it with lees_jax.sde)')
     print(f'load it with: model, params = lees_jax.load_backbone({directory!r})')
     return 0

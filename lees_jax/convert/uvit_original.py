@@ -160,7 +160,7 @@ def original_to_params(state_dict: Mapping[str, Any], model_config):
   if missing or wrong or unexpected:
     def described(n):
       v = state_dict[n]
-      return f'{n} (shape {tuple(v.shape)})' if isinstance(v, np.ndarray) else f'{n} ({type(v).__name__})'
+      return f'{n} ({f"shape {tuple(v.shape)}" if isinstance(v, np.ndarray) else type(v).__name__})'
     raise tensor_mismatch(
         f'U-ViT (img_size {spec.img_size}, patch_size {spec.patch_size}, embed_dim '
         f'{spec.embed_dim}, depth {spec.depth}: {spec.num_side} + 1 + {spec.num_side} blocks, '

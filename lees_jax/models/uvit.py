@@ -49,20 +49,19 @@ from lees_jax.models import backbone, layers
 _GELU = 64  # exact (erf) GELU, per element, as XLA counts it
 _SILU = 4
 
-# The public checkpoints' networks: ``config.nnet`` of baofff/U-ViT's configs/<name>.py (the
-# fields the file does not set take UViT.__init__'s defaults: in_chans=3, conv=True).
+# The public checkpoints' networks: ``config.nnet`` of baofff/U-ViT's configs/<name>.py (all
+# with mlp_ratio=4, qkv_bias=False, mlp_time_embed=False; the fields no config sets take
+# UViT.__init__'s defaults, in_chans=3 and conv=True).
+_COMMON = dict(mlp_ratio=4, qkv_bias=False, mlp_time_embed=False)
 PUBLIC_CONFIGS = {
-    'cifar10_uvit_small': dict(img_size=32, patch_size=2, embed_dim=512, depth=12, num_heads=8,
-                               mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=-1),
-    'celeba64_uvit_small': dict(img_size=64, patch_size=4, embed_dim=512, depth=12, num_heads=8,
-                                mlp_ratio=4, qkv_bias=False, mlp_time_embed=False,
-                                num_classes=-1),
-    'imagenet64_uvit_mid': dict(img_size=64, patch_size=4, embed_dim=768, depth=16,
-                                num_heads=12, mlp_ratio=4, qkv_bias=False,
-                                mlp_time_embed=False, num_classes=1000),
-    'imagenet64_uvit_large': dict(img_size=64, patch_size=4, embed_dim=1024, depth=20,
-                                  num_heads=16, mlp_ratio=4, qkv_bias=False,
-                                  mlp_time_embed=False, num_classes=1000),
+    'cifar10_uvit_small': dict(_COMMON, img_size=32, patch_size=2, embed_dim=512, depth=12,
+                               num_heads=8, num_classes=-1),
+    'celeba64_uvit_small': dict(_COMMON, img_size=64, patch_size=4, embed_dim=512, depth=12,
+                                num_heads=8, num_classes=-1),
+    'imagenet64_uvit_mid': dict(_COMMON, img_size=64, patch_size=4, embed_dim=768, depth=16,
+                                num_heads=12, num_classes=1000),
+    'imagenet64_uvit_large': dict(_COMMON, img_size=64, patch_size=4, embed_dim=1024, depth=20,
+                                  num_heads=16, num_classes=1000),
 }
 
 
@@ -321,8 +320,9 @@ class UViT(nn.Module):
     self.patch_embed = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                                kernel_init=_conv_init, bias_init=_zeros, name='patch_embed')
     if s.mlp_time_embed:  # torch's nn.Sequential(Linear, SiLU, Linear): modules 0 and 2
-      self.time_embed_0 = nn.Dense(4 * d, dtype=self.dtype, kernel_init=_normal, name='time_embed_0')
-      self.time_embed_2 = nn.Dense(d, dtype=self.dtype, kernel_init=_normal, name='time_embed_2')
+      dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_normal)
+      self.time_embed_0 = dense(4 * d, name='time_embed_0')
+      self.time_embed_2 = dense(d, name='time_embed_2')
     if s.conditional:
       self.label_emb = nn.Embed(s.num_classes, d, dtype=self.dtype,
                                 embedding_init=nn.initializers.normal(1.0), name='label_emb')
