@@ -8,8 +8,9 @@ state dicts in that layout are saved with ``torch.save`` and converted through t
 line. Skipping is checked against the reference with the skipped block's attention and MLP
 left out (an out-block keeps its skip_linear), which shares no code with our gate forms.
 
-Measured (jax 0.10.2, CPU, fp32 against float64): max |ours - reference| <= 3.4e-6 on
-outputs of magnitude ~3 (every configuration, skip and blend); ATOL = 1e-4 as asked.
+Measured (jax 0.10.2, CPU, fp32 against float64, network times 0 ... 999): max |ours -
+reference| 1.4e-6 (unconditional, conv), 4.0e-6 (conditional, time MLP, qkv bias), 1.3e-6
+(depth 7: 3 + 1 + 3 blocks); skips and blends alike. ATOL = 1e-4.
 """
 
 import dataclasses

@@ -204,13 +204,13 @@ def always_flops(spec: UViTSpec) -> float:
 def uvit_units(spec: UViTSpec) -> tuple[backbone.Unit, ...]:
   body, linear, d = body_flops(spec), skip_linear_flops(spec), spec.embed_dim
   out = []
+  n = spec.num_side
   for k, name in enumerate(spec.block_names()):
-    position = ('encoder' if k < spec.num_side else 'middle' if k == spec.num_side
-                else 'decoder')
+    position, block = (('encoder', k) if k < n else ('middle', 0) if k == n
+                       else ('decoder', k - n - 1))
     decoder = position == 'decoder'
     out.append(backbone.Unit(
-        index=k, name=name, kind='transformer', position=position,
-        block=k - (spec.num_side + 1 if decoder else 0) if position != 'middle' else 0,
+        index=k, name=name, kind='transformer', position=position, block=block,
         run_flops=body + (linear if decoder else 0.0), skip_flops=linear if decoder else 0.0,
         skip='skip_linear' if decoder else 'identity', ase_droppable=decoder,
         resolution=spec.grid, in_ch=d, out_ch=d))
