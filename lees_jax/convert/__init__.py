@@ -6,6 +6,8 @@ Usage:
   python -m lees_jax.convert --source=google/ddpm-cifar10-32 --out=checkpoints/ddpm-cifar10-32
   python -m lees_jax.convert --source=/path/to/D --out=checkpoints/ddpm-cifar10-32   # offline
   python -m lees_jax.convert --source=/path/DiT-XL-2-256x256.pt --arch=DiT-XL/2 --out=checkpoints/dit-xl-2-256
+  python -m lees_jax.convert --source=/path/celeba64_uvit_small.pth --arch=uvit \
+      --model_config=celeba64_uvit_small --out=checkpoints/celeba64-uvit-s4
 
 An original DiT file is a local ``.pt`` / ``.pth`` (never downloaded; `dit_original` says where
 the released ones are) and needs ``--arch``, since a state dict does not record the number of
@@ -29,8 +31,9 @@ nothing at ``--out``.
 The package is split by concern, so that importers of other architectures reuse what is not
 specific to one: `sources` finds and reads a source (local directory or Hub, safetensors / .bin,
 fingerprints), `diffusers_unet` maps the UNet2DModel config and tensors onto our UNet,
-`diffusers_dit` the DiTTransformer2DModel ones onto our DiT and `dit_original` the original
-DiT's state dict onto it, `diffusers_scheduler` maps the
+`diffusers_dit` the DiTTransformer2DModel ones onto our DiT, `dit_original` the original
+DiT's state dict onto it and `uvit_original` an original U-ViT state dict (baofff/U-ViT's
+``.pth``, with ``--arch=uvit`` and ``--model_config``) onto our U-ViT, `diffusers_scheduler` maps the
 scheduler config onto `config.diffusion`, `errors` holds the errors they share, ``__main__``
 the command line. This module orchestrates one conversion and
 re-exports the public names, so ``convert.<name>`` works whichever module defines it.
