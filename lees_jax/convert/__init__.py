@@ -6,8 +6,8 @@ Usage:
   python -m lees_jax.convert --source=google/ddpm-cifar10-32 --out=checkpoints/ddpm-cifar10-32
   python -m lees_jax.convert --source=/path/to/D --out=checkpoints/ddpm-cifar10-32   # offline
   python -m lees_jax.convert --source=/path/DiT-XL-2-256x256.pt --arch=DiT-XL/2 --out=checkpoints/dit-xl-2-256
-  python -m lees_jax.convert --source=/path/celeba64_uvit_small.pth --arch=uvit \
-      --model_config=celeba64_uvit_small --out=checkpoints/celeba64-uvit-s4
+  python -m lees_jax.convert --source=/path/celeba64_uvit_small.pth --arch=uvit
+      --model_config=celeba64_uvit_small --out=checkpoints/celeba64-uvit-s4   # (one command)
 
 An original DiT file is a local ``.pt`` / ``.pth`` (never downloaded; `dit_original` says where
 the released ones are) and needs ``--arch``, since a state dict does not record the number of
