@@ -52,6 +52,17 @@ DIT_BLOCKS = 28
 D_FRACTIONS = {name: tuple((DIT_BLOCKS - k) / DIT_BLOCKS for k in kept)
                for name, kept in DIT_KEPT.items()}
 DEFAULT_SCHEDULE = 'D3'
+# Table 5's U-ViT rows: decoder (out-)blocks kept of U-ViT-S's 6 per interval, [0, 0.1] first.
+# A dropped out-block keeps its skip_linear (the backbone's skip). ASE's U-ViT code is not
+# released; as for DiT, the blocks are dropped from the last one backwards (the first N
+# decoder blocks are kept).
+UVIT_KEPT = {
+    'D1-U-ViT': (6, 6, 4, 4, 2, 2, 2, 2, 1, 1),
+    'D2-U-ViT': (5, 5, 4, 4, 2, 2, 1, 1, 1, 1),
+    'D3-U-ViT': (3, 3, 2, 2, 2, 2, 1, 1, 1, 1),
+    'D6-U-ViT': (2, 2, 2, 2, 1, 1, 1, 1, 1, 1),
+}
+UVIT_DECODER_BLOCKS = 6
 
 
 def drop_order(num_units: int) -> list[int]:
@@ -86,11 +97,40 @@ def max_drop_fraction_for(units) -> float:
   return min(1.0, sum(u.ase_droppable for u in units) / len(units))
 
 
+def decoder_schedule_matrix(kept: Sequence[int], units,
+                            num_blocks: int = UVIT_DECODER_BLOCKS) -> np.ndarray:
+  """(num_units, 10) keep matrix running, in interval i, the first ``kept[i]`` of the
+  ``num_blocks`` ASE-droppable units (U-ViT's decoder blocks) and every other unit. A decoder
+  of another size keeps round(kept[i] / num_blocks * its size) of its blocks."""
+  kept = np.asarray(kept, int)
+  if kept.shape != (NUM_INTERVALS,) or (kept < 0).any() or (kept > num_blocks).any():
+    raise ValueError(f'a decoder schedule keeps 0..{num_blocks} blocks in each of '
+                     f'{NUM_INTERVALS} intervals, got {kept.tolist()}')
+  if (np.diff(kept) > 0).any():
+    raise ValueError(f'ASE schedules keep fewer blocks towards the noise, got {kept.tolist()}')
+  droppable = [u.index for u in units if u.ase_droppable]
+  if not droppable:
+    raise ValueError('a decoder schedule needs ASE-droppable (decoder) units; this backbone has '
+                     'none')
+  n = len(droppable)
+  keep = np.ones((len(units), NUM_INTERVALS), bool)
+  for i, k in enumerate(np.floor(kept * n / num_blocks + 0.5).astype(int)):
+    keep[droppable[k:], i] = False
+  return keep
+
+
 def named_schedule(name: str, units, max_drop_fraction: float | None = None) -> policies.SchedulePolicy:
-  """'ase_default' or a Table 5 row ('D2', 'D3', 'D4', 'D7') as a policy for ``units``."""
+  """'ase_default', a Table 5 DiT row ('D2', 'D3', 'D4', 'D7', rescaled to ``units``) or a U-ViT
+  row ('D1-U-ViT', 'D2-U-ViT', 'D3-U-ViT', 'D6-U-ViT': decoder blocks kept, `UVIT_KEPT`) as a
+  policy for ``units``."""
+  if name in UVIT_KEPT:
+    if max_drop_fraction is not None:
+      raise ValueError(f'{name} keeps decoder blocks by count; max_drop_fraction does not apply')
+    return policies.SchedulePolicy(decoder_schedule_matrix(UVIT_KEPT[name], units), name=name)
   key = DEFAULT_SCHEDULE if name == 'ase_default' else name
   if key not in D_FRACTIONS:
-    raise ValueError(f'unknown ASE schedule {name!r}; choose ase_default or one of {sorted(D_FRACTIONS)}')
+    raise ValueError(f'unknown ASE schedule {name!r}; choose ase_default or one of '
+                     f'{sorted(D_FRACTIONS) + sorted(UVIT_KEPT)}')
   cap = max_drop_fraction_for(units) if max_drop_fraction is None else max_drop_fraction
   return policies.SchedulePolicy(schedule_matrix(D_FRACTIONS[key], len(units), cap), name=name)
 
@@ -227,6 +267,7 @@ def resolve_schedule(spec: str, units, config=None) -> policies.SchedulePolicy:
 
   Accepted specs:
     ase_default | D2 | D3 | D4 | D7   a Table 5 row mapped to the UNet (`ase.named_schedule`);
+    D1-U-ViT | D2-U-ViT | ...         a Table 5 U-ViT row (decoder blocks kept, `UVIT_KEPT`);
     ase_s<start>_f<final>             a drop-length grid point by name (`GridPoint.name`,
                                       e.g. ase_s2_f0.57), from the default grid or the one in
                                       config.ase (grid_starts x grid_finals);
@@ -238,7 +279,7 @@ def resolve_schedule(spec: str, units, config=None) -> policies.SchedulePolicy:
                                       ase_schedule.json: custom schedules.
   """
   spec = str(spec).strip()
-  named = ['ase_default', *sorted(D_FRACTIONS)]
+  named = ['ase_default', *sorted(D_FRACTIONS), *sorted(UVIT_KEPT)]
   if spec in named:
     return named_schedule(spec, units)
   grid = list(drop_grid())

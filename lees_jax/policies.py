@@ -53,6 +53,13 @@ def normalized_time(timesteps, num_timesteps: int, dtype=np.float32):
   return (t + dtype(1.0)) / dtype(num_timesteps)
 
 
+def timesteps_for_time(t, num_timesteps: int) -> np.ndarray:
+  """The inverse of `normalized_time`: the real-valued timesteps T t - 1 whose normalised
+  time is t. A continuous-time solver (`lees_jax.sde`, t in (0, 1]) states its steps so,
+  and its gates then read t itself: one definition of time for every solver."""
+  return np.asarray(t, np.float64) * num_timesteps - 1.0
+
+
 def gate_logits(params, t):
   """alpha * t + beta for normalised times t of any shape; result has a trailing K axis."""
   t = _xp(t).asarray(t)

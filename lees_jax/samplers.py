@@ -137,9 +137,10 @@ class SampleProgram:
     n = self.conditioning.num_classes
     if y.shape != (self.batch_size,) or not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f'labels must be {self.batch_size} integers, got {y.dtype} {y.shape}')
-    if y.min() < 0 or y.max() > n:
-      raise ValueError(f'labels must lie in [0, {n}] ({n} = the null class), got '
-                       f'[{y.min()}, {y.max()}]')
+    top, which = ((n - 1, 'no null class') if self.conditioning.null_class is None
+                  else (n, f'{n} = the null class'))
+    if y.min() < 0 or y.max() > top:
+      raise ValueError(f'labels must lie in [0, {top}] ({which}), got [{y.min()}, {y.max()}]')
     return jnp.asarray(y, jnp.int32)
 
   def prepare_params(self, params):
@@ -219,6 +220,9 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
     raise ValueError(f'guidance_scale {guidance_scale}: classifier-free guidance needs a '
                      f'class-conditional backbone; {type(model).__name__} is unconditional '
                      '(use guidance_scale 1)')
+  if guided and conditioning.null_class is None:
+    raise ValueError(f'guidance_scale {guidance_scale}: {type(model).__name__} has no null class '
+                     '(it was trained without label dropout), so it cannot be guided')
   channels = model.input.shape[-1]
   if guidance_channels is not None and not 1 <= guidance_channels <= channels:
     raise ValueError(f'guidance_channels must be in [1, {channels}] or None (all), got '
@@ -249,7 +253,10 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
     raise ValueError(f'batch size {batch_size} is not divisible by the {mesh.devices.size} devices '
                      'of the mesh')
   x_sharding = NamedSharding(mesh, P('batch')) if mesh is not None else None
-  timesteps = jnp.asarray(solver.timesteps, jnp.int32)
+  # The network's time input per step: the integer timesteps, or a continuous-time solver's
+  # own (`Solver.model_times`, e.g. U-ViT's 999 t of the VP SDE, `lees_jax.sde`).
+  model_times = (jnp.asarray(solver.timesteps, jnp.int32) if solver.model_times is None
+                 else jnp.asarray(solver.model_times, jnp.float32))
 
   def model_eps(params, x, t, y, gates_arg):
     """(eps, v) of one step: the backbone, or the guided pair of halves."""
@@ -265,7 +272,7 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
 
   def step(params, rng, y, i, state, gates_arg):
     x = state[0]
-    t = jnp.full((batch_size,), timesteps[i], jnp.int32)
+    t = jnp.full((batch_size,), model_times[i], model_times.dtype)
     eps, v = model_eps(params, x, t, y, gates_arg)
     return solver.update(i, state, eps, jax.random.fold_in(rng, i), v)
 

@@ -39,6 +39,9 @@ class Solver:
   coefs: dict[str, np.ndarray]   # per-step float64 arrays of length S
   clip_x0: bool = True
   variance: str | None = None    # ddpm: one of VARIANCES; None for the others
+  # The network's time input per step (S,), for a continuous-time solver (`lees_jax.sde`);
+  # None: the integer ``timesteps`` themselves.
+  model_times: np.ndarray | None = None
 
   def describe(self) -> str:
     """One line saying what this solver does, e.g. 'ddpm, 50 steps, variance fixed_large'."""

@@ -6,6 +6,8 @@ Usage:
   python -m lees_jax.convert --source=google/ddpm-cifar10-32 --out=checkpoints/ddpm-cifar10-32
   python -m lees_jax.convert --source=/path/to/D --out=checkpoints/ddpm-cifar10-32   # offline
   python -m lees_jax.convert --source=/path/DiT-XL-2-256x256.pt --arch=DiT-XL/2 --out=checkpoints/dit-xl-2-256
+  python -m lees_jax.convert --source=/path/celeba64_uvit_small.pth --arch=uvit
+      --model_config=celeba64_uvit_small --out=checkpoints/celeba64-uvit-s4   # (one command)
 
 An original DiT file is a local ``.pt`` / ``.pth`` (never downloaded; `dit_original` says where
 the released ones are) and needs ``--arch``, since a state dict does not record the number of
@@ -29,8 +31,9 @@ nothing at ``--out``.
 The package is split by concern, so that importers of other architectures reuse what is not
 specific to one: `sources` finds and reads a source (local directory or Hub, safetensors / .bin,
 fingerprints), `diffusers_unet` maps the UNet2DModel config and tensors onto our UNet,
-`diffusers_dit` the DiTTransformer2DModel ones onto our DiT and `dit_original` the original
-DiT's state dict onto it, `diffusers_scheduler` maps the
+`diffusers_dit` the DiTTransformer2DModel ones onto our DiT, `dit_original` the original
+DiT's state dict onto it and `uvit_original` an original U-ViT state dict (baofff/U-ViT's
+``.pth``, with ``--arch=uvit`` and ``--model_config``) onto our U-ViT, `diffusers_scheduler` maps the
 scheduler config onto `config.diffusion`, `errors` holds the errors they share, ``__main__``
 the command line. This module orchestrates one conversion and
 re-exports the public names, so ``convert.<name>`` works whichever module defines it.
@@ -47,7 +50,7 @@ import os
 
 from lees_jax.convert import diffusers_dit
 from lees_jax.convert import diffusers_vae
-from lees_jax.convert import vae_source, dit_original
+from lees_jax.convert import vae_source, dit_original, uvit_original
 from lees_jax.convert.diffusers_scheduler import (
     SCHEDULER_DEFAULTS,
     SUPPORTED_VARIANCE_TYPES,
@@ -90,7 +93,7 @@ __all__ = [
 
 def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | None = None,
             arch: str | None = None, input_size: int | None = None,
-            vae: str | None = None) -> str:
+            vae: str | None = None, model_config=None) -> str:
   """Converts a diffusers UNet2DModel or DiT (local directory or Hub id), or an original DiT
   checkpoint (a local ``.pt`` / ``.pth`` file), into a backbone at ``out``.
 
@@ -99,7 +102,10 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   anything else through `diffusers_unet` (which refuses what is not a UNet2DModel).
   ``dropout`` is the UNet's only. An original DiT file (e.g. ``DiT-XL-2-256x256.pt``) goes
   through `dit_original` and needs ``arch`` (e.g. 'DiT-XL/2'); ``input_size``, inferred from
-  the file, is optional there. Both are refused for other sources.
+  the file, is optional there. Both are refused for other sources. An original U-ViT file
+  (e.g. ``celeba64_uvit_small.pth``) goes through `uvit_original` with ``arch='uvit'`` and
+  ``model_config`` (a public configuration's name, e.g. 'celeba64_uvit_small', or a JSON /
+  dict of U-ViT's ``config.nnet`` fields); ``model_config`` is refused otherwise.
 
   A latent backbone (DiT) is written with its VAE in ``out/vae`` (`vae_source.backbone_vae`):
   ``vae`` names one (a directory or Hub id; 'none' for none), else a pipeline's own ``vae/``
@@ -117,6 +123,23 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   if os.path.exists(out_abs) and not overwrite:
     raise FileExistsError(f'{out_abs} already exists; pass --overwrite (overwrite=True) to replace '
                           'it, or choose another --out (nothing was written)')
+  is_uvit = arch is not None and str(arch).strip().lower() == uvit_original.UVIT_ARCH
+  if model_config is not None and not is_uvit:
+    raise ConversionError(f'--model_config describes an original U-ViT checkpoint: pass '
+                          f'--arch={uvit_original.UVIT_ARCH} with it (got --arch={arch})')
+  if is_uvit:
+    if model_config is None:
+      raise ConversionError('--arch=uvit needs --model_config: a public configuration (e.g. '
+                            'celeba64_uvit_small) or a JSON object of config.nnet fields (a '
+                            'state dict does not record the number of heads)')
+    if dropout is not None or input_size is not None or vae is not None:
+      raise ConversionError('--dropout, --input_size and --vae are not settings of a U-ViT '
+                            'checkpoint (a pixel-space network without dropout)')
+    model_config_out, params, diffusion_config, metadata = uvit_original.convert_file(
+        str(source), model_config)
+    return checkpoints.save_backbone(out_abs, params, model_config_out,
+                                     diffusion_config=diffusion_config, overwrite=overwrite,
+                                     **metadata)
   if str(source).endswith(dit_original.SUFFIXES):
     if arch is None:
       raise ConversionError(f'--source={source} is an original DiT checkpoint: pass --arch (e.g. '

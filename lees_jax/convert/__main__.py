@@ -27,7 +27,14 @@ def main(argv=None) -> int:
   parser.add_argument('--arch', default=None,
                       help='architecture of an original DiT .pt/.pth file (required for one, '
                            'refused otherwise): DiT-<S|B|L|XL>/<2|4|8>, e.g. DiT-XL/2, optionally '
-                           'followed by ,hidden_size=N,depth=N,num_heads=N,mlp_ratio=R')
+                           'followed by ,hidden_size=N,depth=N,num_heads=N,mlp_ratio=R; or '
+                           "'uvit' for an original U-ViT .pth file (with --model_config)")
+  parser.add_argument('--model_config', default=None,
+                      help='with --arch=uvit: the network of an original U-ViT .pth file, a '
+                           'public configuration (celeba64_uvit_small, cifar10_uvit_small, '
+                           'imagenet64_uvit_mid, imagenet64_uvit_large) or a JSON object of '
+                           "U-ViT's config.nnet fields, e.g. '{\"img_size\": 64, \"patch_size\": "
+                           '4, "embed_dim": 512, "depth": 12, "num_heads": 8}\'')
   parser.add_argument('--input_size', type=int, default=None,
                       help='latent pixels per side of an original DiT file (default: inferred '
                            'from its pos_embed; checked against it when given)')
@@ -43,7 +50,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     directory = convert(args.source, args.out, overwrite=args.overwrite, dropout=args.dropout,
-                        arch=args.arch, input_size=args.input_size, vae=args.vae)
+                        arch=args.arch, input_size=args.input_size, vae=args.vae,
+                        model_config=args.model_config)
   except (ValueError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -57,6 +65,14 @@ def main(argv=None) -> int:
   with open(os.path.join(directory, 'backbone.json')) as f:
     meta = json.load(f)
   m = meta['model']
+  if m['name'] == 'uvit':
+    print(f'wrote {directory}: {meta["num_params"]:,} parameters, U-ViT '
+          f'embed_dim={m["embed_dim"]}, depth={m["depth"]}, num_heads={m["num_heads"]}, '
+          f'patch_size={m["patch_size"]}, img_size={m["img_size"]}, '
+          f'num_classes={m["num_classes"]}, from {meta["source"]}; '
+          f'diffusion: {meta["diffusion"]} (sample it with lees_jax.sde)')
+    print(f'load it with: model, params = lees_jax.load_backbone({directory!r})')
+    return 0
   if m['name'] == 'dit':
     print(f'wrote {directory}: {meta["num_params"]:,} parameters, DiT hidden_size={m["hidden_size"]}, '
           f'depth={m["depth"]}, num_heads={m["num_heads"]}, patch_size={m["patch_size"]}, '

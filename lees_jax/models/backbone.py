@@ -69,9 +69,11 @@ class InputSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ClassConditioning:
-  """Class-label conditioning; label ``null_class`` is the unconditional one (guidance)."""
+  """Class-label conditioning; label ``null_class`` is the unconditional one (guidance), or
+  None for a backbone trained without one (labels 0..num_classes-1 only, no guidance: U-ViT's
+  ImageNet 64 models)."""
   num_classes: int
-  null_class: int
+  null_class: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +148,8 @@ def init_params(model, rng, batch_size: int = 1):
   t = jnp.zeros((batch_size,), jnp.int32)
   if model.conditioning is None:
     return model.init({'params': rng}, x, t)['params']
-  y = jnp.full((batch_size,), model.conditioning.null_class, jnp.int32)
+  null = model.conditioning.null_class
+  y = jnp.full((batch_size,), 0 if null is None else null, jnp.int32)
   return model.init({'params': rng}, x, t, y)['params']
 
 
@@ -262,9 +265,10 @@ def _inputs(model, x, t, y):
                        'labels were given')
     return (x, t)
   if y is None:
-    raise ValueError(f'{type(model).__name__} is class-conditional: give labels y in '
-                     f'[0, {model.conditioning.num_classes}] ({model.conditioning.null_class} '
-                     'is the null class)')
+    cond = model.conditioning
+    labels = (f'[0, {cond.num_classes - 1}] (no null class)' if cond.null_class is None else
+              f'[0, {cond.num_classes}] ({cond.null_class} is the null class)')
+    raise ValueError(f'{type(model).__name__} is class-conditional: give labels y in {labels}')
   return (x, t, y)
 
 
