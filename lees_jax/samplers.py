@@ -219,6 +219,10 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
     raise ValueError(f'guidance_scale {guidance_scale}: classifier-free guidance needs a '
                      f'class-conditional backbone; {type(model).__name__} is unconditional '
                      '(use guidance_scale 1)')
+  if guided and conditioning.null_class is None:
+    raise ValueError(f'guidance_scale {guidance_scale}: classifier-free guidance needs a null '
+                     f'class, and {type(model).__name__} has none (its labels are 0..'
+                     f'{conditioning.num_classes - 1}); use guidance_scale 1')
   channels = model.input.shape[-1]
   if guidance_channels is not None and not 1 <= guidance_channels <= channels:
     raise ValueError(f'guidance_channels must be in [1, {channels}] or None (all), got '

@@ -48,7 +48,9 @@ class Unit:
   block: int           # index within its position
   run_flops: float     # per image, when the unit runs
   skip_flops: float    # per image, when skipped (e.g. a kept 1x1 shortcut projection)
-  skip: str            # what a skipped unit returns: 'identity' | 'shortcut_projection'
+  # What a skipped unit returns: 'identity' | 'shortcut_projection' | 'resample' (a
+  # parameter-free resample of its input: ADM's resampling ResBlocks).
+  skip: str
   ase_droppable: bool  # ASE may drop it (ASE drops from the last droppable unit backwards)
   resolution: int = 0  # spatial size it works at (describe)
   in_ch: int = 0
@@ -69,9 +71,10 @@ class InputSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ClassConditioning:
-  """Class-label conditioning; label ``null_class`` is the unconditional one (guidance)."""
+  """Class-label conditioning; label ``null_class`` is the unconditional one (classifier-free
+  guidance), None for a backbone without one (ADM: labels 0..num_classes-1 only)."""
   num_classes: int
-  null_class: int
+  null_class: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +149,8 @@ def init_params(model, rng, batch_size: int = 1):
   t = jnp.zeros((batch_size,), jnp.int32)
   if model.conditioning is None:
     return model.init({'params': rng}, x, t)['params']
-  y = jnp.full((batch_size,), model.conditioning.null_class, jnp.int32)
+  null = model.conditioning.null_class
+  y = jnp.full((batch_size,), 0 if null is None else null, jnp.int32)
   return model.init({'params': rng}, x, t, y)['params']
 
 
@@ -262,9 +266,10 @@ def _inputs(model, x, t, y):
                        'labels were given')
     return (x, t)
   if y is None:
-    raise ValueError(f'{type(model).__name__} is class-conditional: give labels y in '
-                     f'[0, {model.conditioning.num_classes}] ({model.conditioning.null_class} '
-                     'is the null class)')
+    cond = model.conditioning
+    labels = (f'[0, {cond.num_classes - 1}] (it has no null class)' if cond.null_class is None
+              else f'[0, {cond.num_classes}] ({cond.null_class} is the null class)')
+    raise ValueError(f'{type(model).__name__} is class-conditional: give labels y in {labels}')
   return (x, t, y)
 
 
