@@ -128,7 +128,8 @@ class SampleProgram:
 
   def _checked_labels(self, y):
     """None stays None (drawn in the program); given labels must be (batch,) ints in
-    [0, num_classes] (the null class allowed: an unconditional sample)."""
+    [0, num_classes] (the null class allowed: an unconditional sample), [0, num_classes - 1]
+    for a backbone without a null class."""
     if y is None:
       return None
     if self.conditioning is None:
@@ -137,9 +138,11 @@ class SampleProgram:
     n = self.conditioning.num_classes
     if y.shape != (self.batch_size,) or not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f'labels must be {self.batch_size} integers, got {y.dtype} {y.shape}')
-    if y.min() < 0 or y.max() > n:
-      raise ValueError(f'labels must lie in [0, {n}] ({n} = the null class), got '
-                       f'[{y.min()}, {y.max()}]')
+    top = n if self.conditioning.null_class is not None else n - 1
+    if y.min() < 0 or y.max() > top:
+      raise ValueError(f'labels must lie in [0, {top}] ' + (
+          f'({n} = the null class)' if top == n else '(the backbone has no null class)')
+          + f', got [{y.min()}, {y.max()}]')
     return jnp.asarray(y, jnp.int32)
 
   def prepare_params(self, params):

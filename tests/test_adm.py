@@ -13,12 +13,14 @@ with the qkv rows of the file in the other order, so a legacy file is written wi
 permuted and imported with ``--use_new_attention_order False``; the legacy split is also checked
 against a numpy transcription of QKVAttentionLegacy.
 
-Measured (jax 0.10.2, torch 2.13, diffusers 0.42.1, CPU, fp32): max |ours - diffusers| <= 1.0e-5
-on outputs of magnitude ~3-5 (both importers, every configuration, skips and blends); ATOL sits
-a margin above. FLOPs against XLA's cost analysis on configuration A: total -0.07 %, a plain or
-shortcut ResBlock's saving within 0.2 %, attention -0.6 %, a down-ResBlock +0.8 % (its average
-pools and attention's normalisation fuse differently in XLA's program; the relative errors
-shrink with width: -0.2 % and +0.1 % at 128 channels), the all-skipped program +0.4 %.
+Measured (jax 0.10.2, torch 2.13, diffusers 0.42.1, CPU, fp32): max |ours - diffusers| 1.1e-5
+(A), 9.1e-6 (B), 1.2e-5 (C) through the diffusers importer, 9.8e-6, 8.9e-6 (legacy order),
+1.4e-5 through the OpenAI layout, <= 1.0e-5 with units skipped or blended, on outputs of
+magnitude ~4-6; ATOL = 3e-5. FLOPs against XLA's cost analysis on configuration A: total
+-0.07 %; the saving of a plain or projecting ResBlock within 0.17 %, an up-ResBlock -0.09 %,
+attention -0.63 %, a down-ResBlock +0.76 % (XLA fuses the average pools and attention's
+normalisation differently from our one-count-per-op; the relative errors shrink with width:
+-0.22 % and +0.12 % at 128 channels); the all-skipped program +0.39 %.
 """
 
 import contextlib
@@ -668,3 +670,22 @@ def test_diffusers_directory_through_convert(tmp_path):
       _class_name='CMStochasticIterativeScheduler', num_train_timesteps=40, sigma_min=0.002)))
   with pytest.raises(convert.ConversionError, match='consistency model'):
     convert.convert(str(tmp_path), str(tmp_path / 'cm'))
+
+
+def test_samples_with_an_ase_schedule_and_its_learned_variance():
+  """The backbone through the generic sampler: learned-range DDPM on the cosine schedule, ASE's
+  D3 schedule (decoder units dropped from the end), labels without a null class."""
+  from lees_jax import ase, samplers, solvers  # pylint: disable=g-import-not-at-top
+  _, model, params, _ = _setup('A')
+  solver = solvers.make_solver(diffusion.make_schedule(1000, 'cosine'), 'ddpm', steps=4,
+                               variance='learned_range')
+  policy = ase.named_schedule('D3', model.units)
+  assert ase.max_drop_fraction_for(model.units) == 8 / 14  # 7 decoder units + mid_res_1
+  program = samplers.compile_sampler(model, solver, policy, batch_size=2)
+  assert 0.5 < program.flop_fraction < 1.0
+  x0 = np.asarray(program(params, jax.random.PRNGKey(0), np.array([3, 999])))
+  assert x0.shape == (2, 16, 16, 3) and np.isfinite(x0).all()
+  with pytest.raises(ValueError, match='no null class'):
+    program(params, jax.random.PRNGKey(0), np.array([3, 1000]))
+  with pytest.raises(ValueError, match='needs a null class'):
+    samplers.compile_sampler(model, solver, policy, batch_size=2, guidance_scale=2.0)

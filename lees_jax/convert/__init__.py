@@ -196,20 +196,14 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   # The architecture is the config's `_class_name`: a DiT, or else (the default) a UNet2DModel.
   # It is checked before the weights (~140 MB for the UNet, ~3 GB for DiT-XL/2) are read.
   is_dit = diffusers_dit.is_dit_config(diffusers_config)
-  is_adm = not is_dit and diffusers_adm.is_adm_config(diffusers_config)
   if is_dit and dropout is not None:
     raise ConversionError('dropout is a setting of the DDPM UNet; a DiT has none (its training '
                           'label dropout is config.model.class_dropout_prob)')
-  if is_adm and dropout is not None:
-    raise ConversionError('--dropout is the DDPM UNet\'s; an ADM-style UNet2DModel records its '
-                          'dropout in config.json')
-  learned_variance = False
+  learned_variance = is_adm = False
   if is_dit:
     diffusers_dit.model_config_from_diffusers(diffusers_config)
-  elif is_adm:
-    learned_variance = diffusers_adm.model_config_from_diffusers(diffusers_config).learn_sigma
   else:
-    model_config_from_diffusers(diffusers_config, dropout=dropout)
+    is_adm, learned_variance = _unet_family(diffusers_config, dropout)
   diffusion_config = diffusion_config_from_scheduler(scheduler_config,
                                                      learned_variance=learned_variance)
   state_dict = read_state_dict(files['weights'])
@@ -253,6 +247,30 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   return checkpoints.save_backbone(
       out_abs, params, model_config, diffusion_config=diffusion_config, overwrite=overwrite,
       vae=vae_source.backbone_vae(source, vae, out, latent=is_dit), **metadata)
+
+
+def _unet_family(diffusers_config, dropout) -> tuple[bool, bool]:
+  """(is ADM, learns its variance) of a UNet2DModel config: the DDPM UNet and ADM differ in the
+  timestep embedding, so at most one represents it; if neither does, both say why (the family
+  `diffusers_adm.is_adm_config` suggests first)."""
+  errors = {}
+  try:
+    adm_config = diffusers_adm.model_config_from_diffusers(diffusers_config)
+  except ConversionError as e:
+    errors['adm'] = e
+  else:
+    if dropout is not None:
+      raise ConversionError("--dropout is the DDPM UNet's; an ADM-style UNet2DModel records its "
+                            'dropout in config.json')
+    return True, bool(adm_config.learn_sigma)
+  try:
+    model_config_from_diffusers(diffusers_config, dropout=dropout)
+  except ConversionError as e:
+    errors['ddpm'] = e
+  else:
+    return False, False
+  order = ('adm', 'ddpm') if diffusers_adm.is_adm_config(diffusers_config) else ('ddpm', 'adm')
+  raise ConversionError('\n'.join(str(errors[k]) for k in order))
 
 
 def __getattr__(name: str):

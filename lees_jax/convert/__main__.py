@@ -23,9 +23,10 @@ def main(argv=None) -> int:
                   'it with lees_jax.load_backbone).')
   parser.add_argument('--source', required=True,
                       help='Hugging Face Hub id (e.g. google/ddpm-cifar10-32), a local directory '
-                           f'holding {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}, or an '
+                           f'holding {CONFIG_FILE} and {SAFETENSORS_FILE} or {BIN_FILE}, an '
                            'original DiT checkpoint file (e.g. DiT-XL-2-256x256.pt, from '
-                           f'{dit_original.RELEASE_URL})')
+                           f'{dit_original.RELEASE_URL}) or an OpenAI UNet file (e.g. '
+                           '64x64_diffusion.pt, with --model_flags)')
   parser.add_argument('--arch', default=None,
                       help='architecture of an original DiT .pt/.pth file (required for one, '
                            'refused otherwise): DiT-<S|B|L|XL>/<2|4|8>, e.g. DiT-XL/2, optionally '
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
   parser.add_argument('--model_flags', default=None,
                       help='architecture and diffusion of an OpenAI guided-/improved-diffusion '
                            'UNet .pt (required for one, refused otherwise): the flags string of '
-                           'its README, e.g. "--attention_resolutions 32,16,8 --class_cond True '
+                           'its README, given as --model_flags="...", e.g. "--attention_resolutions 32,16,8 '
+                           '--class_cond True '
                            '--image_size 64 --learn_sigma True --noise_schedule cosine '
                            '--num_channels 192 --num_head_channels 64 --num_res_blocks 3 '
                            '--resblock_updown True --use_new_attention_order True '

@@ -156,9 +156,9 @@ def model_config_from_diffusers(diffusers_config: Mapping[str, Any]
     problems.append(f'block_out_channels={channels}: not int(mult * {c0}) for any multipliers')
   head_dim = _cfg(c, 'attention_head_dim')
   if problems:
-    raise ConversionError('unsupported diffusers UNet2DModel config (taken for an ADM-style '
-                          "UNet, see lees_jax.convert.diffusers_adm); lees_jax's ADM cannot "
-                          'represent:\n  - ' + '\n  - '.join(problems))
+    raise ConversionError("unsupported diffusers UNet2DModel config; lees_jax's ADM "
+                          '(lees_jax.convert.diffusers_adm) cannot represent:\n  - '
+                          + '\n  - '.join(problems))
   model_config = ml_collections.ConfigDict(dict(
       name='adm_unet', image_size=int(size), in_channels=int(in_ch), model_channels=int(c0),
       num_res_blocks=int(layers_),
