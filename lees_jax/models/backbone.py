@@ -8,7 +8,8 @@ rest of the package reads -- and nothing else is read:
   run and when skipped, what a skip does, whether ASE may drop it);
 * ``always_flops``: per-image FLOPs that no gate can skip (stem, embeddings, head, resampling);
 * ``input``: pixels or latents, and their shape (`InputSpec`);
-* ``conditioning``: ``None`` or `ClassConditioning` (with the null class used for guidance);
+* ``conditioning``: ``None`` or `ClassConditioning` (with the null class used for guidance, or
+  ``null_class=None`` for a backbone without one, e.g. ADM: no classifier-free guidance);
 * ``output``: ``'eps'`` or ``'eps_variance'`` (epsilon plus a learned variance);
 * ``time_embedding``: the top-level parameter subtrees of its timestep MLP (what ASE
   fine-tuning's ``freeze_time_embedding`` freezes);
