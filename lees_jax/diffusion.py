@@ -1,4 +1,4 @@
-"""Diffusion math: beta schedules, forward noising, respacing, the epsilon loss and improved
+"""Diffusion math: beta schedules (DDPM's linear, improved DDPM's cosine), forward noising, respacing, the epsilon loss and improved
 DDPM's hybrid loss (epsilon-MSE + the variational bound for a learned variance).
 
 The single home of the DDPM formulas; samplers and training import them from here.
@@ -72,17 +72,42 @@ class Schedule:
             (1.0 - ab_prev) * np.sqrt(1.0 - self.betas) / (1.0 - ab))
 
 
+COSINE_OFFSET = 0.008  # improved DDPM's s: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2)
+COSINE_MAX_BETA = 0.999  # its clip, which keeps beta_T (where alpha_bar(1) = 0) below 1
+BETA_SCHEDULES = ('linear', 'cosine')
+
+
+def cosine_betas(num_timesteps: int = 1000, max_beta: float = COSINE_MAX_BETA) -> np.ndarray:
+  """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021, eq. 17):
+  beta_i = min(1 - abar((i + 1) / T) / abar(i / T), max_beta), i = 0..T-1, with
+  abar(t) = cos^2((t + 0.008) / 1.008 * pi / 2) (guided-diffusion ``betas_for_alpha_bar``)."""
+  if num_timesteps < 1:
+    raise ValueError(f'num_timesteps must be >= 1, got {num_timesteps}')
+  t = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+  abar = np.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * np.pi / 2) ** 2
+  return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
+
+
 def make_schedule(num_timesteps: int = 1000, beta_schedule: str = 'linear',
                   beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
-  if beta_schedule != 'linear':
-    raise ValueError(f"unsupported beta_schedule {beta_schedule!r}; only 'linear' (DDPM) is implemented")
-  betas = linear_betas(num_timesteps, beta_start, beta_end)
+  """The T-step process of ``beta_schedule``: 'linear' (beta_start -> beta_end) or 'cosine'
+  (`cosine_betas`; beta_start and beta_end do not enter it)."""
+  if beta_schedule == 'linear':
+    betas = linear_betas(num_timesteps, beta_start, beta_end)
+  elif beta_schedule == 'cosine':
+    betas = cosine_betas(num_timesteps)
+  else:
+    raise ValueError(f'unsupported beta_schedule {beta_schedule!r}; choose one of '
+                     f'{BETA_SCHEDULES}')
   return Schedule(betas, np.arange(num_timesteps), num_timesteps)
 
 
 def schedule_from_config(diffusion_config) -> Schedule:
+  """The schedule of ``config.diffusion`` (beta_start / beta_end are the linear schedule's
+  only, and may be absent for the cosine one)."""
   return make_schedule(diffusion_config.num_timesteps, diffusion_config.beta_schedule,
-                       diffusion_config.beta_start, diffusion_config.beta_end)
+                       diffusion_config.get('beta_start', 1e-4),
+                       diffusion_config.get('beta_end', 0.02))
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:

@@ -128,7 +128,8 @@ class SampleProgram:
 
   def _checked_labels(self, y):
     """None stays None (drawn in the program); given labels must be (batch,) ints in
-    [0, num_classes] (the null class allowed: an unconditional sample)."""
+    [0, num_classes] (the null class allowed: an unconditional sample), [0, num_classes - 1]
+    for a backbone without a null class."""
     if y is None:
       return None
     if self.conditioning is None:

@@ -472,9 +472,13 @@ def test_diffusion_config_from_scheduler():
   default = convert.diffusion_config_from_scheduler(None).to_dict()
   assert default == dict(num_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02)
   assert convert.diffusion_config_from_scheduler(DDPM_SCHEDULER_CONFIG).to_dict() == default
-  with pytest.raises(convert.ConversionError, match="squaredcos_cap_v2.*\n.*v_prediction"):
-    convert.diffusion_config_from_scheduler(dict(beta_schedule='squaredcos_cap_v2',
+  with pytest.raises(convert.ConversionError, match="scaled_linear.*\n.*v_prediction"):
+    convert.diffusion_config_from_scheduler(dict(beta_schedule='scaled_linear',
                                                  prediction_type='v_prediction'))
+  # diffusers' squaredcos_cap_v2 is improved DDPM's cosine schedule.
+  assert convert.diffusion_config_from_scheduler(dict(
+      beta_schedule='squaredcos_cap_v2', num_train_timesteps=4000)).to_dict() == dict(
+          num_timesteps=4000, beta_schedule='cosine')
 
 
 @pytest.mark.parametrize('scheduler,want,origin', [

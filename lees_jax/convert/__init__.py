@@ -1,6 +1,9 @@
-"""Import a diffusers ``UNet2DModel`` checkpoint (e.g. google/ddpm-cifar10-32), a diffusers DiT
-(``DiTTransformer2DModel``, e.g. the ``transformer/`` folder of facebook/DiT-XL-2-256) or an
-original DiT checkpoint (facebookresearch/DiT's ``DiT-XL-2-256x256.pt``) as a lees_jax backbone.
+"""Import a diffusers ``UNet2DModel`` checkpoint (DDPM-style, e.g. google/ddpm-cifar10-32, or
+ADM-style, e.g. the consistency-model conversion's), a diffusers DiT (``DiTTransformer2DModel``,
+e.g. the ``transformer/`` folder of facebook/DiT-XL-2-256), an original DiT checkpoint
+(facebookresearch/DiT's ``DiT-XL-2-256x256.pt``) or an OpenAI UNet (guided-diffusion's
+``64x64_diffusion.pt``, improved-diffusion's ``cifar10_uncond_50M_500K.pt``, ...) as a lees_jax
+backbone.
 
 Usage:
   python -m lees_jax.convert --source=google/ddpm-cifar10-32 --out=checkpoints/ddpm-cifar10-32
@@ -8,10 +11,14 @@ Usage:
   python -m lees_jax.convert --source=/path/DiT-XL-2-256x256.pt --arch=DiT-XL/2 --out=checkpoints/dit-xl-2-256
   python -m lees_jax.convert --source=/path/celeba64_uvit_small.pth --arch=uvit
       --model_config=celeba64_uvit_small --out=checkpoints/celeba64-uvit-s4   # (one command)
+  python -m lees_jax.convert --source=/path/64x64_diffusion.pt --out=checkpoints/adm-64 \
+    --model_flags="--attention_resolutions 32,16,8 --class_cond True --image_size 64 ..."
 
 An original DiT file is a local ``.pt`` / ``.pth`` (never downloaded; `dit_original` says where
 the released ones are) and needs ``--arch``, since a state dict does not record the number of
-attention heads; everything else is read from its tensors (see `dit_original`).
+attention heads; everything else is read from its tensors (see `dit_original`). An OpenAI UNet
+file needs ``--model_flags``, the flags string of its README (`guided_diffusion`; with
+``--model_defaults=improved-diffusion`` for improved-diffusion's files, whose defaults differ).
 
 ``--source`` is a local directory holding ``config.json`` and
 ``diffusion_pytorch_model.safetensors`` (preferred) or ``diffusion_pytorch_model.bin``
@@ -31,16 +38,20 @@ nothing at ``--out``.
 The package is split by concern, so that importers of other architectures reuse what is not
 specific to one: `sources` finds and reads a source (local directory or Hub, safetensors / .bin,
 fingerprints), `diffusers_unet` maps the UNet2DModel config and tensors onto our UNet,
-`diffusers_dit` the DiTTransformer2DModel ones onto our DiT, `dit_original` the original
-DiT's state dict onto it and `uvit_original` an original U-ViT state dict (baofff/U-ViT's
-``.pth``, with ``--arch=uvit`` and ``--model_config``) onto our U-ViT, `diffusers_scheduler` maps the
+`diffusers_adm` an ADM-style UNet2DModel's onto our ADM, `diffusers_dit` the
+DiTTransformer2DModel ones onto our DiT and `dit_original` the original DiT's state dict onto it,
+`guided_diffusion` an OpenAI UNet's state dict and flags onto our ADM, `uvit_original` an
+original U-ViT state dict (baofff/U-ViT's ``.pth``, with ``--arch=uvit`` and
+``--model_config``) onto our U-ViT, `strict` checks a state dict against the tensors wanted,
+`diffusers_scheduler` maps the
 scheduler config onto `config.diffusion`, `errors` holds the errors they share, ``__main__``
 the command line. This module orchestrates one conversion and
 re-exports the public names, so ``convert.<name>`` works whichever module defines it.
 
 Public API: `convert`, `diffusers_to_params`, `model_config_from_diffusers` (the UNet's; the
 DiT's are `diffusers_dit.diffusers_to_params` and `diffusers_dit.model_config_from_diffusers`,
-the original DiT's `dit_original.original_to_params`),
+the original DiT's `dit_original.original_to_params`, the ADM's
+`diffusers_adm.diffusers_to_params` and `guided_diffusion.original_to_params`),
 `diffusion_config_from_scheduler`, `read_state_dict`, `ConversionError`, `SourceUnavailableError`.
 """
 
@@ -48,7 +59,7 @@ from __future__ import annotations
 
 import os
 
-from lees_jax.convert import diffusers_dit
+from lees_jax.convert import diffusers_adm, diffusers_dit, guided_diffusion
 from lees_jax.convert import diffusers_vae
 from lees_jax.convert import vae_source, dit_original, uvit_original
 from lees_jax.convert.diffusers_scheduler import (
@@ -93,19 +104,26 @@ __all__ = [
 
 def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | None = None,
             arch: str | None = None, input_size: int | None = None,
-            vae: str | None = None, model_config=None) -> str:
-  """Converts a diffusers UNet2DModel or DiT (local directory or Hub id), or an original DiT
-  checkpoint (a local ``.pt`` / ``.pth`` file), into a backbone at ``out``.
+            vae: str | None = None, model_config=None, model_flags: str | None = None,
+            model_defaults: str | None = None) -> str:
+  """Converts a diffusers UNet2DModel (DDPM or ADM style), DiT or AutoencoderKL (local directory
+  or Hub id), or an original DiT, OpenAI UNet or U-ViT checkpoint (a local ``.pt`` / ``.pth``
+  file), into a backbone at ``out``.
 
   For a diffusers source the config's ``_class_name`` says which: a ``DiTTransformer2DModel``
   (or ``Transformer2DModel`` with ``norm_type='ada_norm_zero'``) goes through `diffusers_dit`,
   anything else through `diffusers_unet` (which refuses what is not a UNet2DModel).
-  ``dropout`` is the UNet's only. An original DiT file (e.g. ``DiT-XL-2-256x256.pt``) goes
-  through `dit_original` and needs ``arch`` (e.g. 'DiT-XL/2'); ``input_size``, inferred from
-  the file, is optional there. Both are refused for other sources. An original U-ViT file
-  (e.g. ``celeba64_uvit_small.pth``) goes through `uvit_original` with ``arch='uvit'`` and
-  ``model_config`` (a public configuration's name, e.g. 'celeba64_uvit_small', or a JSON /
-  dict of U-ViT's ``config.nnet`` fields); ``model_config`` is refused otherwise.
+  A UNet2DModel with ADM features (`diffusers_adm.is_adm_config`: e.g. the consistency-model
+  conversion's configs) goes through `diffusers_adm`. ``dropout`` is the DDPM UNet's only.
+
+  A ``.pt`` / ``.pth`` file is an original checkpoint, and what it holds is said by a flag:
+  ``arch`` (e.g. 'DiT-XL/2') for facebookresearch/DiT's (`dit_original`; ``input_size``,
+  inferred from the file, is optional there), ``model_flags`` (the guided-diffusion flags
+  string, e.g. '--image_size 64 --num_channels 192 ...', on the defaults ``model_defaults``:
+  'guided-diffusion' or 'improved-diffusion') for OpenAI's UNets (`guided_diffusion`), and
+  ``arch='uvit'`` with ``model_config`` (a public configuration's name, e.g.
+  'celeba64_uvit_small', or a JSON / dict of U-ViT's ``config.nnet`` fields) for baofff/U-ViT's
+  (`uvit_original`). These flags are refused for other sources.
 
   A latent backbone (DiT) is written with its VAE in ``out/vae`` (`vae_source.backbone_vae`):
   ``vae`` names one (a directory or Hub id; 'none' for none), else a pipeline's own ``vae/``
@@ -140,10 +158,33 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
     return checkpoints.save_backbone(out_abs, params, model_config_out,
                                      diffusion_config=diffusion_config, overwrite=overwrite,
                                      **metadata)
-  if str(source).endswith(dit_original.SUFFIXES):
+  is_file = str(source).endswith(dit_original.SUFFIXES)
+  if model_defaults is not None and model_flags is None:
+    raise ConversionError('--model_defaults goes with --model_flags (an OpenAI UNet .pt)')
+  if model_flags is not None and (not is_file or arch is not None or input_size is not None):
+    raise ConversionError(
+        f'--model_flags are for an OpenAI guided-/improved-diffusion UNet (a '
+        f'{" or ".join(dit_original.SUFFIXES)} file)' + (
+            '; --arch and --input_size are for a DiT file: give one kind' if is_file else
+            f'; --source={source} is not one (a diffusers source records its architecture in '
+            'config.json)'))
+  if is_file and model_flags is not None:
+    if dropout is not None or vae is not None:
+      raise ConversionError('--dropout and --vae do not apply to an OpenAI UNet file (its '
+                            'dropout is the --dropout of --model_flags; it works on pixels)')
+    model_config, params, diffusion_config, metadata = guided_diffusion.convert_file(
+        str(source), model_flags, model_defaults or 'guided-diffusion')
+    return checkpoints.save_backbone(out_abs, params, model_config,
+                                     diffusion_config=diffusion_config, overwrite=overwrite,
+                                     **metadata)
+  if is_file:
     if arch is None:
-      raise ConversionError(f'--source={source} is an original DiT checkpoint: pass --arch (e.g. '
-                            '--arch=DiT-XL/2; the file does not record its number of heads)')
+      raise ConversionError(
+          f'--source={source} is an original checkpoint: say which kind, pass --arch for a '
+          'facebookresearch/DiT file (e.g. --arch=DiT-XL/2; the file does not record its number '
+          'of heads), --model_flags for an OpenAI guided-/improved-diffusion UNet (the flags '
+          'string of its README, e.g. --model_flags="--image_size 64 --num_channels 192 ..."), '
+          'or --arch=uvit --model_config=<name or JSON> for a baofff/U-ViT file')
     if dropout is not None:
       raise ConversionError('dropout is a setting of the DDPM UNet; a DiT has none')
     model_config, params, diffusion_config, metadata = dit_original.convert_file(
@@ -183,16 +224,22 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   if is_dit and dropout is not None:
     raise ConversionError('dropout is a setting of the DDPM UNet; a DiT has none (its training '
                           'label dropout is config.model.class_dropout_prob)')
+  learned_variance = is_adm = False
   if is_dit:
     diffusers_dit.model_config_from_diffusers(diffusers_config)
   else:
-    model_config_from_diffusers(diffusers_config, dropout=dropout)
-  diffusion_config = diffusion_config_from_scheduler(scheduler_config)
+    is_adm, learned_variance = _unet_family(diffusers_config, dropout)
+  diffusion_config = diffusion_config_from_scheduler(scheduler_config,
+                                                     learned_variance=learned_variance)
   state_dict = read_state_dict(files['weights'])
   source_dtypes = _dtype_counts(state_dict)
   if is_dit:
     model_config, params = diffusers_dit.diffusers_to_params(state_dict, diffusers_config)
     known = set(diffusers_dit.DIFFUSERS_DEFAULTS) | set(diffusers_dit.LEGACY_OFF)
+    specific = dict(model_output='eps_variance' if model_config.learn_sigma else 'eps')
+  elif is_adm:
+    model_config, params = diffusers_adm.diffusers_to_params(state_dict, diffusers_config)
+    known = set(DIFFUSERS_DEFAULTS)
     specific = dict(model_output='eps_variance' if model_config.learn_sigma else 'eps')
   else:
     _, attention_names = normalize_names(state_dict)
@@ -225,6 +272,30 @@ def convert(source: str, out: str, overwrite: bool = False, *, dropout: float | 
   return checkpoints.save_backbone(
       out_abs, params, model_config, diffusion_config=diffusion_config, overwrite=overwrite,
       vae=vae_source.backbone_vae(source, vae, out, latent=is_dit), **metadata)
+
+
+def _unet_family(diffusers_config, dropout) -> tuple[bool, bool]:
+  """(is ADM, learns its variance) of a UNet2DModel config: the DDPM UNet and ADM differ in the
+  timestep embedding, so at most one represents it; if neither does, both say why (the family
+  `diffusers_adm.is_adm_config` suggests first)."""
+  errors = {}
+  try:
+    adm_config = diffusers_adm.model_config_from_diffusers(diffusers_config)
+  except ConversionError as e:
+    errors['adm'] = e
+  else:
+    if dropout is not None:
+      raise ConversionError("--dropout is the DDPM UNet's; an ADM-style UNet2DModel records its "
+                            'dropout in config.json')
+    return True, bool(adm_config.learn_sigma)
+  try:
+    model_config_from_diffusers(diffusers_config, dropout=dropout)
+  except ConversionError as e:
+    errors['ddpm'] = e
+  else:
+    return False, False
+  order = ('adm', 'ddpm') if diffusers_adm.is_adm_config(diffusers_config) else ('ddpm', 'adm')
+  raise ConversionError('\n'.join(str(errors[k]) for k in order))
 
 
 def __getattr__(name: str):

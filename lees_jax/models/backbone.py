@@ -8,7 +8,8 @@ rest of the package reads -- and nothing else is read:
   run and when skipped, what a skip does, whether ASE may drop it);
 * ``always_flops``: per-image FLOPs that no gate can skip (stem, embeddings, head, resampling);
 * ``input``: pixels or latents, and their shape (`InputSpec`);
-* ``conditioning``: ``None`` or `ClassConditioning` (with the null class used for guidance);
+* ``conditioning``: ``None`` or `ClassConditioning` (with the null class used for guidance, or
+  ``null_class=None`` for a backbone without one, e.g. ADM: no classifier-free guidance);
 * ``output``: ``'eps'`` or ``'eps_variance'`` (epsilon plus a learned variance);
 * ``time_embedding``: the top-level parameter subtrees of its timestep MLP (what ASE
   fine-tuning's ``freeze_time_embedding`` freezes);
@@ -48,7 +49,9 @@ class Unit:
   block: int           # index within its position
   run_flops: float     # per image, when the unit runs
   skip_flops: float    # per image, when skipped (e.g. a kept 1x1 shortcut projection)
-  skip: str            # what a skipped unit returns: 'identity' | 'shortcut_projection'
+  # What a skipped unit returns: 'identity' | 'shortcut_projection' | 'resample' (a
+  # parameter-free resample of its input: ADM's resampling ResBlocks).
+  skip: str
   ase_droppable: bool  # ASE may drop it (ASE drops from the last droppable unit backwards)
   resolution: int = 0  # spatial size it works at (describe)
   in_ch: int = 0
@@ -69,9 +72,9 @@ class InputSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ClassConditioning:
-  """Class-label conditioning; label ``null_class`` is the unconditional one (guidance), or
-  None for a backbone trained without one (labels 0..num_classes-1 only, no guidance: U-ViT's
-  ImageNet 64 models)."""
+  """Class-label conditioning; label ``null_class`` is the unconditional one (classifier-free
+  guidance), or None for a backbone trained without one (labels 0..num_classes-1 only, no
+  guidance: ADM, U-ViT's ImageNet 64 models)."""
   num_classes: int
   null_class: int | None
 
