@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from lees_jax.convert import layout
+from lees_jax.convert import strict
 from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 # Defaults of DiTTransformer2DModel.__init__ (diffusers 0.42): what an absent key means.
@@ -183,7 +183,7 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
   spec = models.spec_from_config(model_config)
   model = models.build_model(model_config)
   abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.PRNGKey(0)))
-  flat, used, missing, wrong = layout.collect_tensors(abstract, state_dict, diffusers_name)
+  flat, used, missing, wrong = strict.collect_leaves(abstract, state_dict, diffusers_name)
   copies = []
   _check_embedding_copies(state_dict, spec.depth, copies, used)
   if POS_EMBED_KEY in state_dict:

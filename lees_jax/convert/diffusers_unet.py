@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from lees_jax.convert import layout
+from lees_jax.convert import strict
 from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 # Defaults of diffusers' UNet2DModel.__init__ (diffusers 0.42): a key absent from config.json
@@ -291,7 +291,7 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
   def shown(name: str) -> str:  # the name as the checkpoint spells it
     return f'{stored_as[name]} (= {name})' if name in stored_as else name
 
-  flat, used, missing, wrong = layout.collect_tensors(
+  flat, used, missing, wrong = strict.collect_leaves(
       abstract, tensors, lambda path: diffusers_name(path, levels), shown=shown,
       missing_note=lambda name: (f' (old name {_old_form(name)})'
                                  if scheme == 'old' and _old_form(name) != name else ''))

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from lees_jax.convert import layout
+from lees_jax.convert import strict
 from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 # Defaults of AutoencoderKL.__init__ (diffusers 0.42): what an absent key means.
@@ -197,7 +197,7 @@ def diffusers_to_params(state_dict: Mapping[str, Any], diffusers_config: Mapping
   def shown(name):  # as the checkpoint spells it
     return f'{stored_as[name]} (= {name})' if name in stored_as else name
 
-  flat, used, missing, wrong = layout.collect_tensors(
+  flat, used, missing, wrong = strict.collect_leaves(
       abstract, tensors, diffusers_name, shown=shown,
       shape_note=lambda want, array: (' (a 1x1 conv kernel: diffusers, too, loads attention '
                                       'projections only as Linear weights)'
