@@ -281,7 +281,7 @@ def test_every_offending_tensor_is_named_together(source):
       'block_1/value/bias)',
       'blocks.0.norm1.weight (shape (64,))',
       'blocks.2.mlp.fc2.weight: shape (64, 128), expected (64, 256) (for block_2/mlp_out/kernel)',
-      't_embedder.mlp.0.weight: 1 non-finite value(s) of 16384 (for t_embed_in/kernel)',
+      't_embedder.mlp.0.weight: 1 NaN and 0 Inf value(s) of 16384',
       'final_layer.adaLN_modulation.1.bias: dtype int32, expected a floating-point tensor'):
     assert fragment in message, message
 

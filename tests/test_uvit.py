@@ -384,7 +384,7 @@ def test_importer_names_every_offending_tensor():
   for fragment in ('out_blocks.1.skip_linear.bias (shape (32,), for out_blocks_1/skip_linear/bias)',
                    'mid_block.attn.qkv.weight: shape (64, 32), expected (96, 32)',
                    'in_blocks.0.attn.qkv.bias (shape (96,))',
-                   'pos_embed: 1 non-finite value(s)',
+                   'pos_embed: 1 NaN and 0 Inf value(s)',
                    'decoder_pred.bias: dtype int64'):
     assert fragment in str(e.value)
 

@@ -35,7 +35,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from lees_jax.convert import layout
+from lees_jax.convert import layout, strict
 from lees_jax.convert.errors import ConversionError, SourceUnavailableError, tensor_mismatch
 
 RELEASE_URL = 'https://dl.fbaipublicfiles.com/DiT/models/'
@@ -222,10 +222,6 @@ def _describe_value(value) -> str:
   return f'shape {tuple(value.shape)}' if isinstance(value, np.ndarray) else type(value).__name__
 
 
-def _is_float(array: np.ndarray) -> bool:
-  return np.issubdtype(array.dtype, np.floating) or array.dtype.name == 'bfloat16'
-
-
 def original_to_params(state_dict: Mapping[str, Any], arch: str, *, input_size: int | None = None,
                        num_classes: int | None = None):
   """Maps an original DiT state dict (``models.DiT().state_dict()``, numpy arrays) onto our tree.
@@ -271,16 +267,9 @@ def original_to_params(state_dict: Mapping[str, Any], arch: str, *, input_size: 
     if name not in state_dict:
       missing.append(f'{name} (shape {shape}, for {ours})')
       continue
-    array = state_dict[name]
-    if not isinstance(array, np.ndarray):
-      wrong.append(f'{name}: a {type(array).__name__}, not a tensor (for {ours})')
-    elif tuple(array.shape) != shape:
-      wrong.append(f'{name}: shape {tuple(array.shape)}, expected {shape} (for {ours})')
-    elif not _is_float(array):
-      wrong.append(f'{name}: dtype {array.dtype}, expected a floating-point tensor (for {ours})')
-    elif not np.isfinite(value := np.asarray(array, np.float32)).all():
-      wrong.append(f'{name}: {int((~np.isfinite(value)).sum())} non-finite value(s) of '
-                   f'{value.size} (for {ours})')
+    value, problem = strict.check(name, state_dict[name], shape, ours)
+    if problem:
+      wrong.append(problem)
     else:
       good[name] = value
   if POS_EMBED in good:

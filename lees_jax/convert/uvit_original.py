@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from lees_jax.convert import layout
+from lees_jax.convert import layout, strict
 from lees_jax.convert.errors import ConversionError, SourceUnavailableError, tensor_mismatch
 
 UVIT_ARCH = 'uvit'  # --arch of an original U-ViT file
@@ -113,10 +113,6 @@ def parse_model_config(model_config) -> ml_collections.ConfigDict:
   return config
 
 
-def _is_float(array: np.ndarray) -> bool:
-  return np.issubdtype(array.dtype, np.floating) or array.dtype.name == 'bfloat16'
-
-
 def original_to_params(state_dict: Mapping[str, Any], model_config):
   """Maps an original ``UViT().state_dict()`` (numpy arrays) onto our parameter tree.
 
@@ -144,16 +140,9 @@ def original_to_params(state_dict: Mapping[str, Any], model_config):
     if name not in state_dict:
       missing.append(f'{name} (shape {shape}, for {ours})')
       continue
-    array = state_dict[name]
-    if not isinstance(array, np.ndarray):
-      wrong.append(f'{name}: a {type(array).__name__}, not a tensor (for {ours})')
-    elif tuple(array.shape) != shape:
-      wrong.append(f'{name}: shape {tuple(array.shape)}, expected {shape} (for {ours})')
-    elif not _is_float(array):
-      wrong.append(f'{name}: dtype {array.dtype}, expected a floating-point tensor (for {ours})')
-    elif not np.isfinite(value := np.asarray(array, np.float32)).all():
-      wrong.append(f'{name}: {int((~np.isfinite(value)).sum())} non-finite value(s) of '
-                   f'{value.size} (for {ours})')
+    value, problem = strict.check(name, state_dict[name], shape, ours)
+    if problem:
+      wrong.append(problem)
     else:
       flat[path] = layout.to_flax(value, path[-1])
   unexpected = sorted(set(state_dict) - set(wanted))
