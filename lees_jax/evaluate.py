@@ -153,6 +153,13 @@ class Evaluator:
                fid_method: str = 'sqrtm'):
     """``fid_method``: the Fréchet method of every FID (`fid.frechet_distance`)."""
     from lees_jax import fid as fid_lib
+    if jax.process_count() > 1:
+      # Samples would be global arrays that no one process can read whole, and every process
+      # would write the same files: not supported yet (training is: see README, scaling out).
+      raise ValueError(f'{config.mode} runs in one process ({jax.process_count()} were started): '
+                       'sampling and FID are not sharded across hosts yet. Run it on one host '
+                       '(it uses all of that host\'s devices); pretrain, train_gates and '
+                       'ase_finetune run across hosts.')
 
     self.config = config
     ev = config.eval

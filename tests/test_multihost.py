@@ -140,3 +140,15 @@ def test_a_host_lost_mid_run_resumes_to_the_same_gates(tiny_backbone, tmp_path):
   g = json.load(open(os.path.join(straight_dir, 'gates.json')))
   r = json.load(open(os.path.join(killed_dir, 'gates.json')))
   assert r['alpha'] == g['alpha'] and r['beta'] == g['beta']
+
+
+def test_evaluation_refuses_several_processes_with_what_to_do(tiny_backbone, monkeypatch):
+  import jax
+  from configs import cifar10
+  from lees_jax import evaluate
+  c = cifar10.get_config('tiny')
+  c.backbone = tiny_backbone
+  c.mode = 'experiment'
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  with pytest.raises(ValueError, match='experiment runs in one process .*Run it on one host'):
+    evaluate.Evaluator(c, '/nonexistent/never-written')
