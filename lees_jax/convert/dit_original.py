@@ -35,8 +35,8 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from lees_jax.convert import layout, strict
-from lees_jax.convert.errors import ConversionError, SourceUnavailableError, tensor_mismatch
+from lees_jax.convert import layout, sources, strict
+from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 RELEASE_URL = 'https://dl.fbaipublicfiles.com/DiT/models/'
 RELEASED_FILES = ('DiT-XL-2-256x256.pt', 'DiT-XL-2-512x512.pt')
@@ -324,17 +324,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], str, dict[str, Any] | No
   plain state dict (the released files), 'ema' (preferred) or 'model' for a ``train.py``
   checkpoint, whose ``args`` (an argparse.Namespace) come back as a dict (else None)."""
   from lees_jax import torch_archive
-  if not os.path.isfile(path):
-    raise SourceUnavailableError(f'--source={path}: no such file. {_where_to_get_it()}')
-  try:
-    obj = torch_archive.load_object(path)
-  except torch_archive.UnsafeArchiveError as e:
-    raise torch_archive.UnsafeArchiveError(f'{path}: {e}') from e
-  except torch_archive.ArchiveFormatError as e:
-    raise ConversionError(str(e)) from e
-  if not isinstance(obj, dict):
-    raise ConversionError(f'{path} holds a {type(obj).__name__}, not a DiT state dict (nor a '
-                          "train.py checkpoint {'model', 'ema', 'opt', 'args'})")
+  obj = sources.load_original_file(
+      path, where_to_get=f'. {_where_to_get_it()}',
+      what="a DiT state dict (nor a train.py checkpoint {'model', 'ema', 'opt', 'args'})")
   args = obj.get('args')
   args = ({k: _json_value(v) for k, v in args.attributes.items()}
           if isinstance(args, torch_archive.NamespaceRecord) else None)

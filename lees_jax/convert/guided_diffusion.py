@@ -35,8 +35,8 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from lees_jax.convert import layout
-from lees_jax.convert.errors import ConversionError, SourceUnavailableError
+from lees_jax.convert import layout, sources
+from lees_jax.convert.errors import ConversionError
 from lees_jax.convert.strict import Wanted, gather
 
 # script_util.model_and_diffusion_defaults() (guided_diffusion and improved_diffusion).
@@ -314,19 +314,10 @@ def _summary(spec) -> str:
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-  from lees_jax import torch_archive
-  if not os.path.isfile(path):
-    raise SourceUnavailableError(f'--source={path}: no such file (download the .pt from the '
-                                 "guided-diffusion / improved-diffusion README's links)")
-  try:
-    obj = torch_archive.load_object(path)
-  except torch_archive.UnsafeArchiveError as e:
-    raise torch_archive.UnsafeArchiveError(f'{path}: {e}') from e
-  except torch_archive.ArchiveFormatError as e:
-    raise ConversionError(str(e)) from e
-  if not isinstance(obj, dict):
-    raise ConversionError(f'{path} holds a {type(obj).__name__}, not a UNetModel state dict')
-  return dict(obj)
+  return dict(sources.load_original_file(
+      path, what='a UNetModel state dict',
+      where_to_get=" (download the .pt from the guided-diffusion / improved-diffusion README's "
+                   'links)'))
 
 
 def convert_file(path: str, flags: str, defaults: str = 'guided-diffusion'):

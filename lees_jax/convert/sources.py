@@ -73,6 +73,25 @@ def _read_safetensors_raw(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+def load_original_file(path: str, *, what: str, where_to_get: str) -> dict:
+  """The top-level dict of an original repository's ``.pt`` / ``.pth`` file (DiT, OpenAI's
+  UNets, U-ViT), read code-free by `torch_archive`. A missing file names ``where_to_get`` it;
+  an unsafe or malformed archive, or an object that is not a dict (``what`` says what it should
+  be), is refused naming the file."""
+  from lees_jax import torch_archive  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise SourceUnavailableError(f'--source={path}: no such file{where_to_get}')
+  try:
+    obj = torch_archive.load_object(path)
+  except torch_archive.UnsafeArchiveError as e:
+    raise torch_archive.UnsafeArchiveError(f'{path}: {e}') from e
+  except torch_archive.ArchiveFormatError as e:
+    raise ConversionError(str(e)) from e
+  if not isinstance(obj, dict):
+    raise ConversionError(f'{path} holds a {type(obj).__name__}, not {what}')
+  return obj
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads ``.safetensors`` (safetensors' numpy API; bfloat16 files by a plain reader) or
   ``.bin`` (`torch_archive`, code-free)."""

@@ -30,8 +30,8 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from lees_jax.convert import layout, strict
-from lees_jax.convert.errors import ConversionError, SourceUnavailableError, tensor_mismatch
+from lees_jax.convert import layout, sources, strict
+from lees_jax.convert.errors import ConversionError, tensor_mismatch
 
 UVIT_ARCH = 'uvit'  # --arch of an original U-ViT file
 SUFFIXES = ('.pt', '.pth')
@@ -161,21 +161,11 @@ def original_to_params(state_dict: Mapping[str, Any], model_config):
 
 def read_state_dict(path: str) -> dict[str, Any]:
   """The state dict in an original U-ViT file (nnet.pth, nnet_ema.pth or a released .pth)."""
-  from lees_jax import torch_archive
-  if not os.path.isfile(path):
-    raise SourceUnavailableError(
-        f'--source={path}: no such file. The released U-ViT checkpoints (e.g. '
-        'celeba64_uvit_small.pth) are linked from https://github.com/baofff/U-ViT#pretrained-'
-        'models; download one and pass its local path')
-  try:
-    obj = torch_archive.load_object(path)
-  except torch_archive.UnsafeArchiveError as e:
-    raise torch_archive.UnsafeArchiveError(f'{path}: {e}') from e
-  except torch_archive.ArchiveFormatError as e:
-    raise ConversionError(str(e)) from e
-  if not isinstance(obj, dict):
-    raise ConversionError(f'{path} holds a {type(obj).__name__}, not a U-ViT state dict')
-  return dict(obj)
+  return dict(sources.load_original_file(
+      path, what='a U-ViT state dict',
+      where_to_get='. The released U-ViT checkpoints (e.g. celeba64_uvit_small.pth) are linked '
+                   'from https://github.com/baofff/U-ViT#pretrained-models; download one and '
+                   'pass its local path'))
 
 
 def convert_file(path: str, model_config):
