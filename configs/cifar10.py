@@ -42,12 +42,16 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.diffusion = ml_collections.ConfigDict(dict(
       num_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02))
 
-  # Input pipeline: 'cifar10' through tfds, or 'cifar10_subset', the real CIFAR-10
-  # images shipped in lees_jax/data (offline).
+  # Input pipeline (lees_jax/data.py): 'cifar10' through tfds, or 'cifar10_subset', the real
+  # CIFAR-10 images shipped in lees_jax/data (offline); other backbones' configs read
+  # 'imagenet2012', 'celeb_a_hq', 'celeb_a' or 'image_folder' (the files under `folder`).
   c.data = ml_collections.ConfigDict(dict(
       dataset='cifar10', train_split='train', data_dir='',
       shuffle_buffer=10_000, random_flip=True,  # flip: pretraining only (gates use no augmentation)
-      subset_path=''))  # '' = the shipped lees_jax/data/cifar10_subset.npz
+      subset_path='',  # '' = the shipped lees_jax/data/cifar10_subset.npz
+      image_size=32,   # what `crop` resizes to (and celeb_a_hq's TFDS resolution)
+      crop='none',     # 'none' | 'adm' | 'uvit_celeba' | 'box' (lees_jax/image_prep.py)
+      folder=''))      # dataset='image_folder': the directory of images
 
   # Backbone pretraining (DDPM recipe).
   c.pretrain = ml_collections.ConfigDict(dict(

@@ -1,5 +1,5 @@
-"""Input pipelines: CIFAR-10 / ImageNet through TFDS, the shipped real-CIFAR-10 subset, or
-precomputed autoencoder latents (`lees_jax.latents`, when ``config.data.latents_dir`` is set:
+"""Input pipelines: CIFAR-10 / ImageNet / CelebA-HQ / CelebA through TFDS, a folder of images
+(`lees_jax.image_folder`), the shipped real-CIFAR-10 subset, or precomputed autoencoder latents (`lees_jax.latents`, when ``config.data.latents_dir`` is set:
 a latent backbone's training examples); device sharding.
 
 One interface (`train_iterator`), yielding this process's part of each global batch as
@@ -13,12 +13,18 @@ trains on (an unconditional one never reads them, and the images do not depend o
   Resuming at step s skips the first ``s * local_batch`` examples of the same seeded stream,
   so the order is reproducible given a deterministic TFDS read (same data files, same TF
   version); skipping reads and discards those examples, which takes seconds for CIFAR-10.
+  The same for ``'imagenet2012'``, ``'celeb_a_hq'`` (TFDS ``celeb_a_hq/<image_size>``, a manual
+  download; its 30,000 images form split 'train') and ``'celeb_a'`` (TFDS ``celeb_a``, train /
+  validation / test), each image transformed as ``config.data.crop`` says
+  (`lees_jax.image_prep`: e.g. U-ViT's CelebA crop) before it is scaled and flipped.
 * ``config.data.dataset='cifar10_subset'`` -- the real CIFAR-10 images shipped in
   ``lees_jax/data/cifar10_subset.npz`` (offline runs and tests). Batch s of the global stream
   is a pure function of (seed, s): the stream concatenates one numpy permutation per epoch
   seeded by (seed, epoch), and flips are drawn per (seed, s). Every process builds only its
   own rows of the global batch, so the global batch is the same for any number of hosts and
   devices.
+* ``config.data.dataset='image_folder'`` -- the image files under ``config.data.folder``,
+  transformed and cached once (`lees_jax.image_folder`), streamed as the subset is.
 
 TensorFlow is imported inside the functions that need it and never sees an accelerator
 (``tf.config.set_visible_devices([], 'GPU')``): models and samplers import no TF.
@@ -38,13 +44,22 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lees_jax import image_prep
+
 BATCH_AXIS = 'batch'
 SUBSET = 'cifar10_subset'
 SUBSET_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'cifar10_subset.npz')
 IMAGENET = 'imagenet2012'
-DATASETS = ('cifar10', SUBSET, IMAGENET)
+CELEBA_HQ = 'celeb_a_hq'
+CELEBA = 'celeb_a'
+FOLDER = 'image_folder'
+DATASETS = ('cifar10', SUBSET, IMAGENET, CELEBA_HQ, CELEBA, FOLDER)
+IN_MEMORY = (SUBSET, FOLDER)  # held as uint8 arrays; every other data set is read through TFDS
 # Used when TFDS has no metadata for a split (e.g. under tfds.testing.mock_data).
 _KNOWN_SIZES = {('cifar10', 'train'): 50_000, ('cifar10', 'test'): 10_000}
+# The value range and ADM's crop live in lees_jax.image_prep; callers also reach them here.
+to_model_range, to_uint8 = image_prep.to_model_range, image_prep.to_uint8
+adm_center_crop, CROPS = image_prep.adm_center_crop, image_prep.CROPS
 
 
 # ---------------------------------------------------------------------------
@@ -68,17 +83,6 @@ def configure_tensorflow():
 # ---------------------------------------------------------------------------
 # Images.
 # ---------------------------------------------------------------------------
-
-
-def to_model_range(images: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1]."""
-  return np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def to_uint8(x) -> np.ndarray:
-  """float [-1, 1] -> uint8 [0, 255] (rounding, clipped)."""
-  x = np.asarray(x, np.float32)
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=2)
@@ -114,6 +118,45 @@ def _check_dataset(name: str):
     raise ValueError(f'unknown config.data.dataset {name!r}; choose one of {DATASETS}')
 
 
+def tfds_name(data_config) -> str:
+  """The TFDS name a TFDS-backed config reads: CelebA-HQ's resolution is a TFDS config
+  (``celeb_a_hq/64``: the dataset tool's box-downsampled images, no crop needed)."""
+  _check_dataset(data_config.dataset)
+  if data_config.dataset in IN_MEMORY:
+    raise ValueError(f'{data_config.dataset} is not a TFDS data set')
+  if data_config.dataset == CELEBA_HQ:
+    size = int(data_config.get('image_size', 0) or 0)
+    if size not in [2 ** i for i in range(11)]:
+      raise ValueError(f'celeb_a_hq comes in power-of-two sizes up to 1024 (TFDS celeb_a_hq/64, '
+                       f'...); config.data.image_size is {size}')
+    return f'{CELEBA_HQ}/{size}'
+  return data_config.dataset
+
+
+def dataset_tag(data_config) -> str:
+  """The data set and its transform in a file name: 'cifar10', 'celeb_a_uvit_celeba64'."""
+  crop = data_config.get('crop', 'none')
+  return data_config.dataset + ('' if crop == 'none' else f'_{crop}{int(data_config.image_size)}')
+
+
+def memory_images(data_config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images, int32 labels, -1 = none) of ``split`` of an in-memory data set, sliced and
+  transformed as ``data_config.crop`` says."""
+  if data_config.dataset == SUBSET:
+    images, labels = load_subset(split, data_config.get('subset_path', ''))
+    sl = _split_slice(split, images.shape[0])
+    transform = image_prep.transform(data_config)
+    if transform is None:
+      return images[sl], labels[sl]
+    return np.stack([transform(im) for im in images[sl]]), labels[sl]
+  from lees_jax import image_folder  # pylint: disable=g-import-not-at-top
+  image_folder.check_split(split)
+  images = image_folder.load(data_config)  # transformed before it was cached
+  labels = np.full((images.shape[0],), -1, np.int32)
+  sl = _split_slice(split, images.shape[0])
+  return images[sl], labels[sl]
+
+
 def num_examples(data_config, split: str | None = None) -> int:
   """Number of examples in ``split`` (default: the training split) of the configured dataset."""
   split = split or data_config.train_split
@@ -121,11 +164,10 @@ def num_examples(data_config, split: str | None = None) -> int:
   if _latents_dir(data_config, split):
     from lees_jax import latents  # pylint: disable=g-import-not-at-top
     return len(latents.open_latents(_latents_dir(data_config, split)))
-  if data_config.dataset == SUBSET:
-    images = load_subset(split, data_config.get('subset_path', ''))[0]
-    return int(images[_split_slice(split, images.shape[0])].shape[0])
+  if data_config.dataset in IN_MEMORY:
+    return int(memory_images(data_config, split)[0].shape[0])
   from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
-  splits = data_prep.prepare(data_config.dataset, data_config.data_dir or None).info.splits
+  splits = data_prep.prepare(tfds_name(data_config), data_config.data_dir or None).info.splits
   if split in splits:
     return int(splits[split].num_examples)
   if (data_config.dataset, split) in _KNOWN_SIZES:  # no split metadata (tfds.testing.mock_data)
@@ -174,13 +216,11 @@ def _subset_flips(seed: int, step: int, global_batch_size: int) -> np.ndarray:
   return np.random.default_rng(np.random.SeedSequence([seed, step, 1])).random(global_batch_size) < 0.5
 
 
-def _subset_iterator(data_config, split, global_batch_size, seed, start_step, random_flip,
+def _memory_iterator(data_config, split, global_batch_size, seed, start_step, random_flip,
                      process_index, process_count) -> Iterator[dict[str, np.ndarray]]:
-  images, labels = load_subset(split, data_config.get('subset_path', ''))
-  sl = _split_slice(split, images.shape[0])
-  images, labels = images[sl], labels[sl]
+  images, labels = memory_images(data_config, split)
   if images.shape[0] < 1:
-    raise ValueError(f'split {split!r} of {SUBSET} is empty')
+    raise ValueError(f'split {split!r} of {data_config.dataset} is empty')
   rows = process_rows(global_batch_size, process_index, process_count)
   step = start_step
   while True:
@@ -196,9 +236,11 @@ def _subset_iterator(data_config, split, global_batch_size, seed, start_step, ra
 def _tfds_iterator(data_config, split, global_batch_size, seed, start_step, random_flip,
                    process_index, process_count) -> Iterator[dict[str, np.ndarray]]:
   from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
-  builder = data_prep.prepare(data_config.dataset, data_config.data_dir or None)
+  builder = data_prep.prepare(tfds_name(data_config), data_config.data_dir or None)
   tf = configure_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  transform = image_prep.transform(data_config)
+  size = int(data_config.get('image_size', 0) or 0)
 
   local = local_batch_size(global_batch_size, process_count)
   process_split = tfds.split_for_jax_process(split, process_index=process_index,
@@ -219,6 +261,9 @@ def _tfds_iterator(data_config, split, global_batch_size, seed, start_step, rand
 
   def prepare(i, example):
     image, label = example
+    if transform is not None:  # the crop in numpy/PIL: the same pixels as FID references
+      image = tf.numpy_function(transform, [image], tf.uint8, stateful=False)
+      image.set_shape((size, size, 3))
     x = tf.cast(image, tf.float32) / 127.5 - 1.0
     if random_flip:
       x = tf.image.stateless_random_flip_left_right(x, seed=tf.stack([flip_seed, i]))
@@ -253,8 +298,8 @@ def train_iterator(data_config, *, global_batch_size: int, seed: int, start_step
                                   process_count=process_count)
   args = (data_config, split, global_batch_size, int(seed), int(start_step), bool(random_flip),
           process_index, process_count)
-  if data_config.dataset == SUBSET:
-    return _subset_iterator(*args)
+  if data_config.dataset in IN_MEMORY:
+    return _memory_iterator(*args)
   return _tfds_iterator(*args)
 
 
@@ -302,58 +347,34 @@ def replicate(tree: Any, mesh: Mesh):
 
 
 def split_images(data_config, split: str) -> np.ndarray:
-  """Every image of ``split`` as uint8 NHWC, in dataset order (FID references); cropped as
-  ``data_config.crop`` says (ImageNet: 'adm' to ``image_size``)."""
+  """Every image of ``split`` as uint8 NHWC, in dataset order (FID references), transformed as
+  ``data_config.crop`` says (`lees_jax.image_prep`)."""
   _check_dataset(data_config.dataset)
-  if data_config.dataset == SUBSET:
-    images = load_subset(split, data_config.get('subset_path', ''))[0]
-    return images[_split_slice(split, images.shape[0])]
-  if data_config.get('crop', 'none') != 'none':
+  if data_config.dataset in IN_MEMORY:
+    return memory_images(data_config, split)[0]
+  if image_prep.transform(data_config) is not None:
     return np.stack([image for image, _ in iter_examples(data_config, split)])
-  return tfds_images(data_config.dataset, split, data_config.data_dir)
-
-
-def adm_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """ADM's ImageNet preprocessing (guided-diffusion's ``center_crop_arr``): halve with a box
-  filter while the short side is >= 2 * size, resize the short side to ``size`` (bicubic), crop
-  the centre ``size`` x ``size``. uint8 HWC in, uint8 (size, size, 3) out."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  pil = Image.fromarray(np.asarray(image, np.uint8))
-  while min(pil.size) >= 2 * size:
-    pil = pil.resize(tuple(x // 2 for x in pil.size), resample=Image.BOX)
-  scale = size / min(pil.size)
-  pil = pil.resize(tuple(round(x * scale) for x in pil.size), resample=Image.BICUBIC)
-  arr = np.asarray(pil.convert('RGB'))
-  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-  return arr[top:top + size, left:left + size]
-
-
-CROPS = ('none', 'adm')
+  return tfds_images(tfds_name(data_config), split, data_config.data_dir)
 
 
 def iter_examples(data_config, split: str, start: int = 0) -> Iterator[tuple[np.ndarray, int]]:
-  """(uint8 image, label) of ``split`` from example ``start`` on, in dataset order, cropped as
-  ``data_config.crop`` says ('adm': `adm_center_crop` to ``data_config.image_size``)."""
+  """(uint8 image, label) of ``split`` from example ``start`` on, in dataset order, transformed
+  as ``data_config.crop`` says (`lees_jax.image_prep`)."""
   _check_dataset(data_config.dataset)
-  crop = data_config.get('crop', 'none')
-  if crop not in CROPS:
-    raise ValueError(f'unknown config.data.crop {crop!r}; choose one of {CROPS}')
-  size = int(data_config.get('image_size', 0))
-  prepare = (lambda im: adm_center_crop(im, size)) if crop == 'adm' else (lambda im: im)
-  if data_config.dataset == SUBSET:
-    images, labels = load_subset(split, data_config.get('subset_path', ''))
-    sl = _split_slice(split, images.shape[0])
-    for image, label in zip(images[sl][start:], labels[sl][start:]):
-      yield prepare(image), int(label)
+  if data_config.dataset in IN_MEMORY:
+    images, labels = memory_images(data_config, split)
+    for image, label in zip(images[start:], labels[start:]):
+      yield image, int(label)
     return
+  transform = image_prep.transform(data_config)
   from lees_jax import data_prep  # pylint: disable=g-import-not-at-top
-  builder = data_prep.prepare(data_config.dataset, data_config.data_dir or None)
+  builder = data_prep.prepare(tfds_name(data_config), data_config.data_dir or None)
   configure_tensorflow()
   sub = split if not start else f'{split}[{start}:]' if '[' not in split else None
   if sub is None:
     raise ValueError(f'cannot resume inside the sliced split {split!r}; use a whole split')
   for ex in builder.as_dataset(split=sub, shuffle_files=False).as_numpy_iterator():
-    yield prepare(ex['image']), int(ex.get('label', -1))
+    yield (ex['image'] if transform is None else transform(ex['image'])), int(ex.get('label', -1))
 
 
 def tfds_images(name: str, split: str, data_dir: str = '') -> np.ndarray:

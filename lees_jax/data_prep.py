@@ -28,16 +28,26 @@ MANUAL_DOWNLOADS = {
     'imagenet2012': (('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'),
                      'https://image-net.org/download-images (registration required)'),
     'celeb_a_hq': (('data{res}x{res}.tar',),
-                   'built with the progressive_growing_of_gans dataset tool from CelebA and the '
-                   'CelebA-HQ deltas: https://github.com/tkarras/progressive_growing_of_gans'),
+                   'the progressive_growing_of_gans dataset tool writes them from CelebA and the '
+                   'CelebA-HQ deltas, https://github.com/tkarras/progressive_growing_of_gans; '
+                   'or use a folder of CelebA-HQ images as they circulate, '
+                   '--config.data.dataset=image_folder --config.data.folder=DIR '
+                   "--config.data.crop=box"),
 }
 # Published sizes (TFDS catalog), for the messages and the README.
 SIZES = {
     'cifar10': 'download 162 MiB, prepared 132 MiB',
     'cifar10_corrupted': 'download 2.72 GiB (one archive for every corruption), 22 MiB per '
                          'prepared corruption/severity',
+    'celeb_a': 'download 1.38 GiB from Google Drive, prepared 1.69 GiB',
 }
-_OFFLINE_HINT = {'cifar10': ', or the offline subset: --config.data.dataset=cifar10_subset'}
+_OFFLINE_HINT = {
+    'cifar10': ', or the offline subset: --config.data.dataset=cifar10_subset',
+    # Google Drive often refuses CelebA for a day ("quota exceeded"): the extracted
+    # img_align_celeba/ (sorted names; its first 162,770 files are the train split) works too.
+    'celeb_a': (', or an extracted img_align_celeba/ folder: --config.data.dataset=image_folder '
+                "--config.data.folder=DIR --config.data.train_split='train[:162770]'"),
+}
 
 
 class DataError(RuntimeError):
@@ -114,8 +124,8 @@ def _check_manual(b, name: str, data_dir):
   missing = [f for f in files if not os.path.exists(os.path.join(manual_dir, f))]
   if missing:
     raise DataError(f'{name} needs a manual download: put {", ".join(missing)} into {manual_dir} '
-                    f'(get them from {MANUAL_DOWNLOADS[family][1]}), then run again; TFDS '
-                    'prepares it from there')
+                    f'(source: {MANUAL_DOWNLOADS[family][1]}), then run again; TFDS prepares it '
+                    'from there')
 
 
 def _no_network(name: str, cause: str, url: str) -> DataError:
@@ -191,7 +201,7 @@ def config_datasets(config) -> list[str]:
   """The TFDS data sets a config's run reads: its data set and, for the study's robustness
   measure, every corruption at the configured severity."""
   from lees_jax import data  # pylint: disable=g-import-not-at-top
-  names = [] if config.data.dataset == data.SUBSET else [config.data.dataset]
+  names = [] if config.data.dataset in data.IN_MEMORY else [data.tfds_name(config.data)]
   ex = config.get('experiment')
   if ex is not None and ex.get('robustness'):
     names += [f'{ex.robustness_dataset}/{c}_{int(ex.severity)}' for c in ex.corruptions]

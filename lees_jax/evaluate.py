@@ -194,7 +194,7 @@ class Evaluator:
     """FID statistics of ``split`` of ``config.data`` (cached in the out dir, resumable)."""
     if split not in self._references:
       cache = files.join(self.out_dir,
-                         f'ref_stats_{self.config.data.dataset}_{_safe_name(split)}.npz')
+                         f'ref_stats_{data.dataset_tag(self.config.data)}_{_safe_name(split)}.npz')
       self._references[split] = self.fid.load_or_compute_reference_stats(
           data.split_images(self.config.data, split), cache, extractor=self.extractor)
     return self._references[split]

@@ -41,6 +41,7 @@ def no_network(monkeypatch):
 @pytest.mark.parametrize('name, host', [
     ('cifar10', 'www.cs.toronto.edu'),
     ('cifar10_corrupted/gaussian_noise_3', 'zenodo.org'),
+    ('celeb_a', 'drive.google.com'),
 ])
 def test_tfds_preparation_reaches_the_download(no_network, tmp_path, name, host):
   """TFDS itself (not our wrapper): every import on its preparation path is installed."""
@@ -214,3 +215,14 @@ def test_main_offline_prints_one_line_and_keeps_the_workdir(tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith('error: cannot download cifar10: no network'), r.stderr[-3000:]
   assert (workdir / 'checkpoints' / 'earlier.txt').read_text() == 'an earlier run'
+
+
+def test_celeb_a_without_network_names_google_drive_and_the_folder_route(no_network, tmp_path):
+  """TFDS celeb_a downloads from Google Drive: offline, the one-line error names it and the
+  extracted-folder alternative (Drive's quota often refuses CelebA)."""
+  with pytest.raises(data_prep.DataError) as e:
+    data_prep.prepare('celeb_a', str(tmp_path))
+  msg = str(e.value)
+  assert 'cannot download celeb_a: no network' in msg and 'drive.google.com' in msg
+  assert '--config.data.dataset=image_folder' in msg and "train[:162770]" in msg
+  assert '\n' not in msg
