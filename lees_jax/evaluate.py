@@ -5,6 +5,12 @@ generate ``num_samples`` images with the configured sampler, compute FID against
 reference split's statistics (cached), time a 100-image batch (median over repeats after
 a warm-up, ``block_until_ready``), and record the executed-block ratio and FLOP fraction.
 
+Across several processes (hosts), each batch is sampled sharded over every process's devices
+and gathered to every process (`samplers.to_host`); each process then computes the same FID
+from the same images, process 0 computes and caches the reference statistics that the others
+read, and only process 0 writes (`lees_jax.files`). Latency is process 0's clock around a
+whole sharded batch.
+
 Policy specs (strings, so they fit a locked config and a command line; the one resolver of
 policies, used by evaluate, the experiment's cells and the tests):
   full                      every unit at every step (B1)
@@ -134,7 +140,8 @@ def generate(program: samplers.SampleProgram, params, num_samples: int, seed: in
   out, t0 = [], time.perf_counter()
   for b in range(n_batches):
     x = program(params, jax.random.fold_in(base, b))
-    out.append(data.to_uint8(x if decode is None else decode(x)))
+    # Decoded where the samples are (sharded over every process's devices), then gathered.
+    out.append(data.to_uint8(samplers.to_host(x if decode is None else decode(x))))
     done = min((b + 1) * program.batch_size, num_samples)
     elapsed = time.perf_counter() - t0
     eta = elapsed / (b + 1) * (n_batches - b - 1)
@@ -150,17 +157,10 @@ class Evaluator:
   """
 
   def __init__(self, config, out_dir: str, *, backbone: str | None = None,
-               fid_method: str = 'sqrtm'):
-    """``fid_method``: the Fréchet method of every FID (`fid.frechet_distance`)."""
+               fid_method: str | None = None):
+    """``fid_method``: the Fréchet method of every FID (`fid.frechet_distance`; default
+    ``config.eval.fid_method``)."""
     from lees_jax import fid as fid_lib
-    if jax.process_count() > 1:
-      # Samples would be global arrays that no one process can read whole, and every process
-      # would write the same files: not supported yet (training is: see README, scaling out).
-      raise ValueError(f'{config.mode} runs in one process ({jax.process_count()} were started): '
-                       'sampling and FID are not sharded across hosts yet. Run it on one host '
-                       '(it uses all of that host\'s devices); pretrain, train_gates and '
-                       'ase_finetune run across hosts.')
-
     self.config = config
     ev = config.eval
     self.backbone_path = backbone or config.backbone
@@ -178,7 +178,7 @@ class Evaluator:
     self.out_dir = out_dir
     files.makedirs(out_dir)
     self.fid = fid_lib
-    self.fid_method = fid_method
+    self.fid_method = fid_method or config.eval.get('fid_method', 'sqrtm')
     self.extractor = fid_lib.FeatureExtractor(ev.fid_weights or None, batch_size=ev.fid_batch_size)
     self._references = {}
     if ev.get('reference_stats'):  # a statistics file, e.g. ADM's ImageNet reference batch
@@ -195,8 +195,15 @@ class Evaluator:
     if split not in self._references:
       cache = files.join(self.out_dir,
                          f'ref_stats_{data.dataset_tag(self.config.data)}_{_safe_name(split)}.npz')
-      self._references[split] = self.fid.load_or_compute_reference_stats(
-          data.split_images(self.config.data, split), cache, extractor=self.extractor)
+      images = data.split_images(self.config.data, split)
+      # Several processes: process 0 computes and caches, the others then read its cache.
+      if files.is_writer():
+        self._references[split] = self.fid.load_or_compute_reference_stats(
+            images, cache, extractor=self.extractor)
+      files.sync(f'reference statistics {cache}')
+      if not files.is_writer():
+        self._references[split] = self.fid.load_or_compute_reference_stats(
+            images, cache, extractor=self.extractor)
     return self._references[split]
 
   def program(self, policy: policies.Policy, batch_size: int) -> samplers.SampleProgram:
@@ -298,7 +305,8 @@ def evaluate(config, workdir: str) -> list[dict]:
       if seed == ev.seeds[0]:
         evaluator.save_pictures(resolved, images, program)
   if writer is not None:
-    writer.flush()
+    writer.close()
+  files.sync('evaluate finished')
   print_table(results)
   return results
 

@@ -292,6 +292,7 @@ class _Runner:
                       'grid_seed': int(cfg.ase.grid_seed),
                       'grid_reference': f'{cfg.data.dataset}/{cfg.ase.grid_reference_split}'})
     report.save_png(report.pareto_plot(records, front, pick), files.join(out, 'pareto.png'))
+    files.sync('ase grid pick')  # B3's cells resolve their policy from pareto.json
     self._grid_pick = dict(pick, budget=budget, budget_source=source, note=note)
     return self._grid_pick
 
@@ -331,6 +332,7 @@ class _Runner:
                         'robustness': rob_seconds,
                         'gate_training': extra.get('gate_train_seconds', 0.0)})
     files.write_json(files.join(cdir, RESULT_FILE), rec)
+    files.sync(f'cell {cell.id}')  # later cells (B3's budget, A3's ratio) read this result
     return rec
 
 
@@ -375,9 +377,10 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
       if ex.overhead_steps > 0 and not files.isfile(overhead_path):
         try:
           t0 = time.perf_counter()
-          files.write_json(overhead_path, time_backbone_epoch(config, int(ex.overhead_steps)))
+          overhead = time_backbone_epoch(config, int(ex.overhead_steps))
+          files.write_json(overhead_path, overhead)
           print(f'backbone epoch timed in {time.perf_counter() - t0:.1f}s: '
-                f'{files.read_json(overhead_path)["epoch_seconds"]:.1f}s per epoch', flush=True)
+                f'{overhead["epoch_seconds"]:.1f}s per epoch', flush=True)
         except Exception:  # pylint: disable=broad-except
           print('timing a backbone epoch failed (the report will lack it):\n' + traceback.format_exc())
       t_start = time.perf_counter()
@@ -403,6 +406,7 @@ def experiment(config, workdir: str, *, after_cell=None) -> dict:
         if after_cell is not None:
           after_cell(cell, rec)
   summary = summarize(workdir, config)
+  files.sync('experiment summary')  # the report reads summary.json
   path = report.write_report(workdir)
   print(f'\nsummary: {files.join(experiment_dir(workdir), SUMMARY_FILE)}\nreport: {path}')
   print_summary(summary)

@@ -9,6 +9,13 @@ Local writes are also fsynced before the rename, so a finished record survives a
 
 Orbax checkpoints (parameters, optimiser state) are not files of this layer: orbax writes
 them through epath itself.
+
+Several processes (a pod slice, several GPU hosts): **process 0 is the one writer.** The writes
+here (files, lines, removals) do nothing on the others, which run the same program and so make
+the same calls; code that reads back what this run wrote calls `sync` first, from a point every
+process reaches, so the reader sees process 0's finished file. That needs a workdir every
+process sees (gs:// or a shared file system), as orbax's multi-host checkpoints do. Copies of
+backbones to a process's local disk (`copy_tree`) and directories are made on every process.
 """
 
 from __future__ import annotations
@@ -22,6 +29,21 @@ import numpy as np
 
 if TYPE_CHECKING:
   from etils import epath
+
+
+def is_writer() -> bool:
+  """Whether this process writes result files (process 0; the only process of a plain run)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def sync(tag: str) -> None:
+  """Every process waits here until all have arrived (a no-op in one process): after process 0's
+  writes before this point, the others read them. ``tag`` names the point (the same on all)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(tag)
 
 
 def path(p) -> 'epath.Path':
@@ -65,7 +87,9 @@ def makedirs(p) -> None:
 
 
 def remove(p) -> None:
-  """Deletes file ``p`` if it exists."""
+  """Deletes file ``p`` if it exists (process 0 only)."""
+  if not is_writer():
+    return
   p = path(p)
   if p.exists():
     p.unlink()
@@ -122,7 +146,10 @@ def load_npz(p) -> dict[str, np.ndarray]:
 
 
 def write_bytes(p, data: bytes) -> None:
-  """Writes ``data`` to ``p`` atomically (temporary sibling, then rename); makes the parents."""
+  """Writes ``data`` to ``p`` atomically (temporary sibling, then rename); makes the parents.
+  Process 0 only (see the module docstring)."""
+  if not is_writer():
+    return
   p = path(p)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.parent / (p.name + '.tmp')
@@ -175,6 +202,8 @@ def append_line(p, line: str) -> None:
   `read_json_lines` skips. Objects on ``gs://`` cannot be appended to, so there the file is
   rewritten whole (atomically); JSON-lines files here hold tens of records.
   """
+  if not is_writer():
+    return
   if not line.endswith('\n'):
     line += '\n'
   if is_remote(p):

@@ -95,7 +95,7 @@ def _load_cached(folder, names, crop, size, path) -> np.ndarray:
   print(f'Reading {len(names)} images of {folder} (once; cached in {path})', flush=True)
   images = np.stack([_decode(folder, n, prepare, size) for n in names])
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp.npz'
+  tmp = f'{path}.{os.getpid()}.tmp.npz'  # processes sharing a cache never share a temporary
   np.savez(tmp, images=images)
   os.replace(tmp, path)  # a half-written cache is never read
   return images

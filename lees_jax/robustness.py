@@ -106,6 +106,11 @@ class Robustness:
   """
 
   def __init__(self, config, evaluator, out_dir: str, images: dict | None = None):
+    if jax.process_count() > 1:
+      # Its inputs are host arrays fed to the sampler; sharding them across hosts is not built.
+      raise ValueError(f'the robustness measure runs in one process ({jax.process_count()} '
+                       'were started): set config.experiment.robustness=False for a multi-host '
+                       'study, or run the study on one host (all of its devices)')
     ex = config.experiment
     self.evaluator = evaluator
     self.fid = evaluator.fid

@@ -74,6 +74,15 @@ LABEL_STREAM = 0x6C61626C  # 'labl'
 # ---------------------------------------------------------------------------
 
 
+def to_host(x) -> np.ndarray:
+  """A program's output as numpy on this process: the whole global batch, gathered from every
+  process when it is sharded across several (each process then holds the same array)."""
+  if getattr(x, 'is_fully_addressable', True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def draw_labels(rng, batch_size: int, num_classes: int) -> jax.Array:
   """The labels a program draws from its key ``rng`` when none are given: uniform over
   [0, num_classes) (the null class never), one per image (DiT's sample_ddp.py protocol)."""

@@ -309,6 +309,7 @@ def train(config, workdir: str, objective: Objective, *, mesh=None) -> dict:
   writer.close()
   with checkpoints.quiet():
     manager.close()
+  files.sync(f'{objective.name} finished in {workdir}')  # callers read what finish() wrote
   return state
 
 

@@ -1,10 +1,12 @@
 """Two JAX processes on this machine, joined by ``jax.distributed.initialize`` over a localhost
-coordinator (CPU collectives through gloo), each with two host devices: LEES gate training on
-the ``tiny`` preset, against one process with four devices and the same global batch.
+coordinator (CPU collectives through gloo), each with two host devices, against one process with
+four devices: LEES gate training, evaluation and a small study on the ``tiny`` preset.
 
 The oracle is the single-process run: the same global batches (each process reads only its
 own rows), the same gradients (an all-reduce over four devices either way) and so the same
-gates; and only process 0 writes results (every `lees_jax.files` write is logged per process).
+gates; the same samples (each batch sharded over the four devices either way, gathered for FID)
+and so the same FIDs; and only process 0 writes results (every `lees_jax.files` write that
+reaches the disk is logged per process).
 """
 
 import json
@@ -21,7 +23,7 @@ TIMEOUT = 400  # seconds for a whole run: a stuck coordinator must not hang the 
 
 _CHILD = r"""
 import json, os, sys
-pid, nproc, port, workdir, backbone, log, steps, die_at = sys.argv[1:]
+pid, nproc, port, workdir, backbone, log, steps, die_at, mode = sys.argv[1:]
 pid, nproc, steps, die_at = int(pid), int(nproc), int(steps), int(die_at)
 import jax
 if nproc > 1:
@@ -36,7 +38,8 @@ writes, rows = [], []
 for name in ('write_json', 'write_text', 'write_bytes', 'save_npz', 'append_line'):
   real = getattr(files, name)
   def logged(path, *a, _real=real, _name=name, **k):
-    writes.append([_name, str(path)])
+    if files.is_writer():  # a call on another process writes nothing (the file layer's rule)
+      writes.append([_name, str(path)])
     return _real(path, *a, **k)
   setattr(files, name, logged)
 real_iterator = data.train_iterator
@@ -54,10 +57,13 @@ if die_at and pid == nproc - 1:  # the last process dies right after its step-`d
       os._exit(3)
   train._save = save_then_die
 c = cifar10.get_config('tiny')
-c.mode = 'train_gates'
+c.mode = mode
 c.backbone = backbone
 c.gates.update(num_train_steps=steps, batch_size=8, checkpoint_every=2, log_every=100,
                heatmap_every=0)
+c.eval.update(num_samples=8, latency_repeats=1, policies=('full', 'ase:ase_default'))
+c.experiment.update(lams=(0.05,), flop_weighted_lams=(), seeds=(0,), ase_finetuned=False,
+                    baselines=('full',), ablations=('random',), overhead_steps=0, sample_grid=4)
 main.run_mode(c, workdir)
 json.dump({'writes': writes, 'rows': rows, 'process_index': jax.process_index()}, open(log, 'w'))
 """
@@ -76,14 +82,15 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _run(tmp_path, name: str, nproc: int, backbone: str, *, steps: int = 3, die_at: int = 0):
+def _run(tmp_path, name: str, nproc: int, backbone: str, *, steps: int = 3, die_at: int = 0,
+         mode: str = 'train_gates'):
   """Runs train_gates in ``nproc`` processes. With ``die_at``, the last process exits after its
   step-``die_at`` checkpoint and the others (then stuck in a collective) are killed, as a host
   failure leaves a pod slice."""
   workdir, port = str(tmp_path / name), _free_port()
   logs = [str(tmp_path / f'{name}_{i}_{die_at}.json') for i in range(nproc)]
   procs = [subprocess.Popen([sys.executable, '-c', _CHILD, str(i), str(nproc), str(port),
-                             workdir, backbone, logs[i], str(steps), str(die_at)], cwd=REPO,
+                             workdir, backbone, logs[i], str(steps), str(die_at), mode], cwd=REPO,
                             env=_env(4 // nproc), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
            for i in range(nproc)]
@@ -142,13 +149,48 @@ def test_a_host_lost_mid_run_resumes_to_the_same_gates(tiny_backbone, tmp_path):
   assert r['alpha'] == g['alpha'] and r['beta'] == g['beta']
 
 
-def test_evaluation_refuses_several_processes_with_what_to_do(tiny_backbone, monkeypatch):
+def _results(workdir):
+  return {r['policy']: r for r in json.load(open(os.path.join(workdir, 'eval', 'results.json')))}
+
+
+def test_two_processes_evaluate_as_one(tiny_backbone, tmp_path):
+  """Samples sharded over both processes' devices, gathered for FID: the same FIDs as one
+  process; process 0 alone writes results, summaries and pictures."""
+  one_dir, _ = _run(tmp_path, 'one', 1, tiny_backbone, mode='evaluate')
+  two_dir, (p0, p1) = _run(tmp_path, 'two', 2, tiny_backbone, mode='evaluate')
+  one, two = _results(one_dir), _results(two_dir)
+  assert sorted(one) == sorted(two) == ['ase_default', 'full']
+  for name in one:
+    np.testing.assert_allclose(two[name]['fid'], one[name]['fid'], rtol=1e-5)
+    assert two[name]['block_ratio'] == one[name]['block_ratio']
+    assert two[name]['num_devices'] == 4 and two[name]['reference_count'] == 64
+  assert p1['writes'] == [] and any(p.endswith('results.json') for _, p in p0['writes'])
+  assert any(p.endswith('.png') for _, p in p0['writes'])
+
+
+def test_two_processes_run_the_study_as_one(tiny_backbone, tmp_path):
+  """A small study (B1, LEES λ = 0.05, A3 random gates at its ratio) in two processes: gate
+  training across both, every cell's FID as one process's, one writer, the report from it."""
+  one_dir, _ = _run(tmp_path, 'one', 1, tiny_backbone, steps=2, mode='experiment')
+  two_dir, (_, p1) = _run(tmp_path, 'two', 2, tiny_backbone, steps=2, mode='experiment')
+  from lees_jax import cells
+  assert p1['writes'] == []
+  assert os.path.isfile(os.path.join(two_dir, 'report', 'report.md'))
+  summary = json.load(open(os.path.join(two_dir, 'experiment', 'summary.json')))
+  assert summary['cells_finished'] == 3 and summary['failed_cells'] == []
+  cells_one = {r['cell']: r for r in cells.load_cell_results(one_dir)}
+  cells_two = {r['cell']: r for r in cells.load_cell_results(two_dir)}
+  assert sorted(cells_one) == sorted(cells_two) and len(cells_one) == 3
+  for cell, r in cells_one.items():
+    np.testing.assert_allclose(cells_two[cell]['fid'], r['fid'], rtol=1e-5)
+    assert cells_two[cell]['masks'] == r['masks']
+
+
+def test_robustness_refuses_several_processes_with_what_to_do(monkeypatch):
+  """ΔFID feeds host arrays to the sampler: on several processes it stops before any work."""
   import jax
   from configs import cifar10
-  from lees_jax import evaluate
-  c = cifar10.get_config('tiny')
-  c.backbone = tiny_backbone
-  c.mode = 'experiment'
+  from lees_jax import robustness
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  with pytest.raises(ValueError, match='experiment runs in one process .*Run it on one host'):
-    evaluate.Evaluator(c, '/nonexistent/never-written')
+  with pytest.raises(ValueError, match='robustness measure runs in one process .*robustness=False'):
+    robustness.Robustness(cifar10.get_config('tiny'), evaluator=None, out_dir='/nonexistent')
