@@ -260,6 +260,38 @@ class UViT(nn.Module):
 
   output = 'eps'
 
+  @property
+  def stack(self) -> backbone.Stack:
+    """The blocks as two stacks of identical `UViTBlock`s (the 'stacked' sampling path):
+
+    * the in-blocks and the mid-block (units 0..n, blocks without a skip linear), whose outputs
+      -- a skipped block's: its input, as the plain forward pass pushes it -- are recorded as
+      the long skips;
+    * the out-blocks (units n+1..2n): out-block i applies its skip linear to (h, skip of
+      in-block n-1-i) whether kept or not (ASE's rule), and its attention and MLP if kept.
+
+    The prologue is `embed`, the epilogue `head`, both with the full params."""
+    s, n = self.spec, self.spec.num_side
+    make = functools.partial(UViTBlock, s.embed_dim, s.num_heads, s.mlp_hidden, s.qkv_bias,
+                             dtype=self.dtype)
+    plain, out = make(), make(skip=True)
+    names = s.block_names()
+    in_and_mid = backbone.BlockStack(
+        'in_and_mid_blocks', names[:n + 1],
+        block=lambda block_params, h, ctx: plain.apply({'params': block_params}, h),
+        record=lambda ctx, outputs: outputs)  # the context of the out-blocks: the skips
+    out_blocks = backbone.BlockStack(
+        'out_blocks', names[n + 1:],
+        block=lambda block_params, h, skips: out.apply({'params': block_params}, h,
+                                                       method=UViTBlock.body),
+        mix=lambda block_params, h, skips, i: out.apply(
+            {'params': block_params}, h, skips.at(n - 1 - i), method=UViTBlock.mix_skip))
+    return backbone.Stack(
+        prologue=lambda params, x, t, y: (self.apply({'params': params}, x, t, y,
+                                                     method=UViT.embed), None),
+        stacks=(in_and_mid, out_blocks),
+        epilogue=lambda params, h, ctx: self.apply({'params': params}, h, method=UViT.head))
+
   def setup(self):
     s, d = self.spec, self.spec.embed_dim
     p = s.patch_size
