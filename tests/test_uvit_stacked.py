@@ -263,3 +263,36 @@ def test_program_size_does_not_grow_with_depth_and_has_no_conditional():
   deeper = dataclasses.replace(SPEC, depth=10)
   assert dots(SPEC, 'stacked') == dots(deeper, 'stacked')
   assert dots(deeper, 'segments') > dots(SPEC, 'segments') > dots(SPEC, 'stacked')
+
+
+def test_benchmark_runs_without_tensorflow_tfds_clu_or_ml_collections(tmp_path):
+  """benchmarks/uvit_paths.py on a tiny U-ViT with those packages made unimportable (as on a
+  bare accelerator machine): its records cover every policy and path, with the accounting of
+  the policies it names."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / 'uvit_paths.json'
+  blocked = ('tensorflow', 'tensorflow_datasets', 'clu', 'ml_collections')
+  script = (f'import sys; sys.modules.update({{m: None for m in {blocked!r}}}); '
+            'sys.argv = sys.argv[1:]; import runpy; runpy.run_path(sys.argv[0], run_name="__main__")')
+  args = [os.path.join(root, 'benchmarks', 'uvit_paths.py'), '--embed_dim=16', '--depth=4',
+          '--num_heads=2', '--batch=1', '--solvers=euler_maruyama:3', '--dtypes=float32',
+          '--repeats=1', f'--out={out}']
+  done = subprocess.run([sys.executable, '-c', script, *args], cwd=tmp_path, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  records = json.loads(out.read_text())
+  assert {(r['policy'], r['policy_path']) for r in records} == {
+      (p, path) for p in ('full',) + tuple(ase.UVIT_KEPT) for path in ('segments', 'cond',
+                                                                        'stacked')}
+  model = models.UViT(uvit.UViTSpec(embed_dim=16, depth=4, num_heads=2))
+  solver = sde.make_solver('euler_maruyama', 3)
+  for r in records:
+    policy = (policies.FullPolicy() if r['policy'] == 'full'
+              else ase.named_schedule(r['policy'], model.units))
+    masks = policy.step_masks(solver.timesteps, solver.num_original_timesteps, model.num_units)
+    assert r['block_ratio'] == pytest.approx(masks.mean())
+    assert r['jax'] == jax.__version__ and r['device'] and r['date']

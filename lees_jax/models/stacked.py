@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 @dataclasses.dataclass(frozen=True)
 class BlockOutputs:
   """What a stack run over its kept blocks hands on (`BlockStack.record`): ``at(i)`` is block
