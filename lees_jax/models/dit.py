@@ -328,11 +328,9 @@ class DiT(nn.Module):
         'blocks', tuple(f'block_{k}' for k in range(self.spec.depth)),
         block=lambda block_params, h, silu_c: block.apply({'params': block_params}, h, silu_c))
     return backbone.Stack(
-        prologue=lambda params, x, t, y: self.apply({'params': params}, x, t, y,
-                                                    method=DiT.embed),
-        stacks=(blocks,),
-        epilogue=lambda params, h, silu_c: self.apply({'params': params}, h, silu_c,
-                                                      method=DiT.head))
+        lambda params, x, t, y: self.apply({'params': params}, x, t, y, method=DiT.embed),
+        (blocks,),
+        lambda params, h, silu_c: self.apply({'params': params}, h, silu_c, method=DiT.head))
 
   def setup(self):
     spec, d, p = self.spec, self.spec.hidden_size, self.spec.patch_size
