@@ -10,13 +10,15 @@ paths:
   `gates.StaticMask`, so skipped units are absent from that loop's compiled code;
 * ``'cond'`` -- one ``fori_loop`` over all steps; the (steps, K) mask matrix is a traced
   input and every unit sits behind ``lax.cond`` (one compilation for any mask);
-* ``'stacked'`` -- for a backbone whose units are one stack of identical blocks
-  (``model.stack``, `lees_jax.models.backbone.Stack`: DiT): the block parameters are stacked
-  on a leading depth axis (once, by ``program.prepare_params``, or inside the program at each
-  call from ordinary params), and each step's model call runs a loop over
-  only that step's kept block indices (from the traced (steps, K) mask matrix, as 'cond'),
-  dynamic-indexing the stacked parameters: one compilation for any mask, one block body in the
-  program, no ``lax.cond``, nothing computed for a skipped block;
+* ``'stacked'`` -- for a backbone whose units are stacks of identical blocks
+  (``model.stack``, `lees_jax.models.stacked.Stack`: DiT's one stack, U-ViT's two linked by
+  the long skips): each stack's block parameters are stacked on a leading depth axis (once, by
+  ``program.prepare_params``, or inside the program at each call from ordinary params), and
+  each step's model call runs, per stack, a loop over only that step's kept block indices
+  (from the traced (steps, K) mask matrix, as 'cond'), dynamic-indexing the stacked
+  parameters: one compilation for any mask, one block body per stack in the program, no
+  ``lax.cond``, nothing computed for a skipped block (beyond what the backbone's skip keeps:
+  a U-ViT out-block's skip linear);
 * ``'soft'`` -- soft LEES gates: every unit runs and is blended with its skip by g(t).
 
 The gate forms (`lees_jax.gates`) carry each path into the backbone; the policy

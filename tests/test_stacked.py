@@ -208,12 +208,13 @@ class _CountingDiT(models.DiT):
   @property
   def stack(self):
     stack = super().stack
+    (blocks,) = stack.stacks
 
     def block(block_params, h, ctx):
       jax.debug.callback(lambda: RUNS.append(1))
-      return stack.block(block_params, h, ctx)
+      return blocks.block(block_params, h, ctx)
 
-    return dataclasses.replace(stack, block=block)
+    return dataclasses.replace(stack, stacks=(dataclasses.replace(blocks, block=block),))
 
 
 RUNS = []

@@ -14,8 +14,9 @@ rest of the package reads -- and nothing else is read:
 * ``time_embedding``: the top-level parameter subtrees of its timestep MLP (what ASE
   fine-tuning's ``freeze_time_embedding`` freezes);
 * ``init_params(rng)``: the full parameter tree;
-* optionally ``stack``: a `Stack` when the gateable units are one stack of identical blocks
-  (DiT), which the 'stacked' sampling path needs (`stack_of`); absent or None otherwise.
+* optionally ``stack``: a `Stack` when the gateable units are stacks of identical blocks (DiT:
+  one, U-ViT: two; `lees_jax.models.stacked`), which the 'stacked' sampling path needs
+  (`stack_of`); absent or None otherwise.
 
 `predict_eps` is the one place that calls a backbone for epsilon (samplers, objectives): it
 passes the labels only to a conditional backbone and splits an ``'eps_variance'`` output. With
@@ -32,9 +33,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
+
+# The stacked path's declarations are part of the backbone interface (``model.stack``).
+from lees_jax.models.stacked import (BlockOutputs, BlockStack, Stack, StackMask,  # noqa: F401
+                                     stack_of)
 
 POSITIONS = ('encoder', 'middle', 'decoder')
 
@@ -154,107 +158,6 @@ def init_params(model, rng, batch_size: int = 1):
   null = model.conditioning.null_class
   y = jnp.full((batch_size,), 0 if null is None else null, jnp.int32)
   return model.init({'params': rng}, x, t, y)['params']
-
-
-@dataclasses.dataclass(frozen=True)
-class Stack:
-  """A backbone whose gateable units are one stack of identical blocks (``model.stack``).
-
-  Unit k is block k, with parameters ``params[names[k]]`` (all subtrees of one structure and
-  shape), and the forward pass with the kept blocks k_1 < ... < k_m is
-
-      h, ctx = prologue(params, x, t, y)        # y None for an unconditional backbone
-      h = block(params[names[k_j]], h, ctx)     # j = 1..m; a skipped block is the identity
-      out = epilogue(params, h, ctx)            # = model.apply(..., gates=StaticMask(keep))
-
-  `forward` runs it with the block parameters stacked on a leading depth axis
-  (`stacked_params`) and a loop over the kept indices only: one block body in the program, a
-  trip count that is data (the number kept), and nothing computed for a skipped block.
-
-  Stacking copies every block's parameters. `prepare` makes the *stacked layout* once (the
-  params without the block subtrees, plus ``params[STACKED]``), which `split` reads as it is;
-  from the ordinary layout `split` stacks (inside the caller's program, at every call). The
-  layout of saved checkpoints is the ordinary one.
-  """
-  STACKED = 'stacked_blocks'  # the stacked layout's key (not a dataclass field)
-
-  names: tuple[str, ...]
-  prologue: Callable[[Any, Any, Any, Any], tuple[Any, Any]]  # (params, x, t, y) -> (h, ctx)
-  block: Callable[[Any, Any, Any], Any]                      # (block params, h, ctx) -> h
-  epilogue: Callable[[Any, Any, Any], Any]                   # (params, h, ctx) -> output
-
-  @property
-  def depth(self) -> int:
-    return len(self.names)
-
-  def stacked_params(self, params):
-    """The blocks' parameter subtrees as one tree of arrays with a leading (depth,) axis."""
-    missing = [n for n in self.names if n not in params]
-    if missing:
-      raise ValueError(f'params have no block subtrees {missing} (expected {self.names[0]}..'
-                       f'{self.names[-1]})')
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves),
-                                  *[params[n] for n in self.names])
-
-  def prepare(self, params):
-    """The stacked layout of ordinary ``params`` (already stacked ones are returned as they
-    are)."""
-    if self.STACKED in params:
-      return params
-    rest = {k: v for k, v in params.items() if k not in self.names}
-    return {**rest, self.STACKED: self.stacked_params(params)}
-
-  def split(self, params):
-    """(params, stacked block params) of either layout (the ordinary one is stacked here)."""
-    if self.STACKED in params:
-      return params, params[self.STACKED]
-    return params, self.stacked_params(params)
-
-  def kept_indices(self, keep) -> tuple[jax.Array, jax.Array]:
-    """(indices (depth,) int32, count) of a traced (depth,) keep vector: the kept block
-    indices in order, padded with 0 after the first ``count``."""
-    keep = jnp.asarray(keep, bool)
-    if keep.shape != (self.depth,):
-      raise ValueError(f'the keep vector must be ({self.depth},) booleans (one per block of the '
-                       f'stack), got shape {keep.shape}')
-    indices = jnp.nonzero(keep, size=self.depth, fill_value=0)[0].astype(jnp.int32)
-    return indices, jnp.sum(keep, dtype=jnp.int32)
-
-  def forward(self, params, stacked, x, t, y, keep):
-    """The backbone's output with the blocks of ``keep`` (traced, (depth,)) only: a
-    ``fori_loop`` of ``count`` iterations, iteration j applying `block` to the stacked
-    parameters at the j-th kept index."""
-    h, ctx = self.prologue(params, x, t, y)
-    indices, count = self.kept_indices(keep)
-
-    def body(j, h):
-      block_params = jax.tree_util.tree_map(
-          lambda a: jax.lax.dynamic_index_in_dim(a, indices[j], keepdims=False), stacked)
-      return self.block(block_params, h, ctx)
-
-    return self.epilogue(params, jax.lax.fori_loop(0, count, body, h), ctx)
-
-
-def stack_of(model, paths=None) -> Stack:
-  """``model.stack``, or a ValueError saying which sampling ``paths`` the backbone can use."""
-  stack = getattr(model, 'stack', None)
-  if stack is None:
-    usable = ', '.join(repr(p) for p in (paths or ('segments', 'cond')))
-    raise ValueError(f"sampling path 'stacked' needs a backbone whose gateable units are one "
-                     f'stack of identical blocks (model.stack, e.g. DiT); {type(model).__name__} '
-                     f'has none: use path {usable}')
-  if stack.depth != model.num_units:
-    raise ValueError(f'{type(model).__name__}.stack has {stack.depth} blocks but the model has '
-                     f'{model.num_units} gateable units: the stacked path needs unit k = block k')
-  return stack
-
-
-@flax.struct.dataclass
-class StackMask:
-  """The 'stacked' path's ``gates=``: the stack's parameters (`Stack.stacked_params`) and a
-  traced (K,) keep vector for the whole batch; `predict_eps` then runs `Stack.forward`."""
-  stacked: Any
-  keep: jax.Array
 
 
 OUTPUTS = ('eps', 'eps_variance')

@@ -324,13 +324,13 @@ class DiT(nn.Module):
     """The blocks as one stack of identical `DiTBlock`s (the 'stacked' sampling path): the
     prologue is `embed` (context SiLU(c)), the epilogue `head`, both with the full params."""
     block = _block(self.spec, self.dtype)
+    blocks = backbone.BlockStack(
+        'blocks', tuple(f'block_{k}' for k in range(self.spec.depth)),
+        block=lambda block_params, h, silu_c: block.apply({'params': block_params}, h, silu_c))
     return backbone.Stack(
-        names=tuple(f'block_{k}' for k in range(self.spec.depth)),
-        prologue=lambda params, x, t, y: self.apply({'params': params}, x, t, y,
-                                                    method=DiT.embed),
-        block=lambda block_params, h, silu_c: block.apply({'params': block_params}, h, silu_c),
-        epilogue=lambda params, h, silu_c: self.apply({'params': params}, h, silu_c,
-                                                      method=DiT.head))
+        lambda params, x, t, y: self.apply({'params': params}, x, t, y, method=DiT.embed),
+        (blocks,),
+        lambda params, h, silu_c: self.apply({'params': params}, h, silu_c, method=DiT.head))
 
   def setup(self):
     spec, d, p = self.spec, self.spec.hidden_size, self.spec.patch_size

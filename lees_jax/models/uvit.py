@@ -16,7 +16,7 @@ The network, as ``libs/uvit.py``'s ``UViT`` computes it (NHWC here, NCHW there):
 * a block is pre-norm: x += proj(attention(LN(x))), x += fc2(GELU(fc1(LN(x)))), attention
   scaled by head_dim^-0.5, ``qkv`` one Linear (bias iff ``qkv_bias``) whose outputs are
   (q, k, v) x heads x head_dim, torch's LayerNorm (eps 1e-5, affine) and exact (erf) GELU
-  (``nn.GELU()``, timm's ``Mlp`` default);
+  (``nn.GELU()``, timm's ``Mlp`` default) -- `lees_jax.models.uvit_blocks.UViTBlock`;
 * the head: LayerNorm, Linear(width -> p^2 C) on the patch tokens (the original applies both to
   every token and drops the extra ones after: per token, the same numbers), unpatchify
   (``B (h w) (p1 p2 C) -> B C (h p1) (w p2)``), and a 3 x 3 convolution if ``conv``.
@@ -36,15 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from lees_jax import gates as gating
 from lees_jax.models import backbone, layers
+from lees_jax.models.uvit_blocks import (UViTBlock, conv_init, layer_norm,  # noqa: F401
+                                         normal_init, zeros_init)
 
 _GELU = 64  # exact (erf) GELU, per element, as XLA counts it
 _SILU = 4
@@ -221,60 +221,6 @@ def uvit_units(spec: UViTSpec) -> tuple[backbone.Unit, ...]:
 # The network.
 # ---------------------------------------------------------------------------------------------
 
-# The original's init (UViT._init_weights): Linear weights N(0, 0.02) truncated at +-2 (i.e.
-# at 100 standard deviations: a normal), zero biases; LayerNorms 1 and 0; the label table
-# N(0, 1) and the convolutions torch's default (uniform, bound 1 / sqrt(fan_in)).
-_normal = nn.initializers.normal(0.02)
-_zeros = nn.initializers.zeros
-_conv_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
-
-
-def _layer_norm(dtype, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=dtype, name=name)
-
-
-class UViTBlock(nn.Module):
-  """A pre-norm transformer block; an out-block (``skip``) first mixes in its long skip."""
-  dim: int
-  num_heads: int
-  mlp_hidden: int
-  qkv_bias: bool = False
-  skip: bool = False
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_normal, bias_init=_zeros)
-    self.norm1 = _layer_norm(self.dtype, 'norm1')
-    self.qkv = dense(3 * self.dim, use_bias=self.qkv_bias, name='qkv')
-    self.proj = dense(self.dim, name='proj')
-    self.norm2 = _layer_norm(self.dtype, 'norm2')
-    self.fc1 = dense(self.mlp_hidden, name='fc1')
-    self.fc2 = dense(self.dim, name='fc2')
-    if self.skip:
-      self.skip_linear = dense(self.dim, name='skip_linear')
-
-  def _attention(self, x):
-    b, n, d = x.shape
-    h = self.num_heads
-    qkv = self.qkv(x).reshape(b, n, 3, h, d // h)  # 'B L (K H D)'
-    q = qkv[:, :, 0] * (1.0 / math.sqrt(d // h))
-    logits = jnp.einsum('bqhc,bkhc->bhqk', q, qkv[:, :, 1]).astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-    return self.proj(jnp.einsum('bhqk,bkhc->bqhc', weights, qkv[:, :, 2]).reshape(b, n, d))
-
-  def body(self, x):
-    """Attention and MLP, each a residual update (what a skipped block leaves out)."""
-    x = x + self._attention(self.norm1(x))
-    return x + self.fc2(nn.gelu(self.fc1(self.norm2(x)), approximate=False))
-
-  def mix_skip(self, x, skip):
-    """An out-block's skip_linear(concat(x, skip)); the input itself for other blocks."""
-    return self.skip_linear(jnp.concatenate([x, skip], axis=-1)) if self.skip else x
-
-  def __call__(self, x, skip=None):
-    return self.body(self.mix_skip(x, skip))
-
-
 class UViT(nn.Module):
   """``apply({'params': p}, x, t[, y])``: x NHWC pixels, t the network time (999 t of the VP
   SDE), y labels of a conditional network; returns epsilon (B, H, W, C), float32."""
@@ -314,30 +260,62 @@ class UViT(nn.Module):
 
   output = 'eps'
 
+  @property
+  def stack(self) -> backbone.Stack:
+    """The blocks as two stacks of identical `UViTBlock`s (the 'stacked' sampling path):
+
+    * the in-blocks and the mid-block (units 0..n, blocks without a skip linear), whose outputs
+      -- a skipped block's: its input, as the plain forward pass pushes it -- are recorded as
+      the long skips;
+    * the out-blocks (units n+1..2n): out-block i applies its skip linear to (h, skip of
+      in-block n-1-i) whether kept or not (ASE's rule), and its attention and MLP if kept.
+
+    The prologue is `embed`, the epilogue `head`, both with the full params."""
+    s, n = self.spec, self.spec.num_side
+    make = functools.partial(UViTBlock, s.embed_dim, s.num_heads, s.mlp_hidden, s.qkv_bias,
+                             dtype=self.dtype)
+    plain, out = make(), make(skip=True)
+    names = s.block_names()
+    in_and_mid = backbone.BlockStack(
+        'in_and_mid_blocks', names[:n + 1],
+        block=lambda block_params, h, ctx: plain.apply({'params': block_params}, h),
+        record=lambda ctx, outputs: outputs)  # the context of the out-blocks: the skips
+    out_blocks = backbone.BlockStack(
+        'out_blocks', names[n + 1:],
+        block=lambda block_params, h, skips: out.apply({'params': block_params}, h,
+                                                       method=UViTBlock.body),
+        mix=lambda block_params, h, skips, i: out.apply(
+            {'params': block_params}, h, skips.at(n - 1 - i), method=UViTBlock.mix_skip))
+    return backbone.Stack(
+        prologue=lambda params, x, t, y: (self.apply({'params': params}, x, t, y,
+                                                     method=UViT.embed), None),
+        stacks=(in_and_mid, out_blocks),
+        epilogue=lambda params, h, ctx: self.apply({'params': params}, h, method=UViT.head))
+
   def setup(self):
     s, d = self.spec, self.spec.embed_dim
     p = s.patch_size
     self.patch_embed = nn.Conv(d, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                               kernel_init=_conv_init, bias_init=_zeros, name='patch_embed')
+                               kernel_init=conv_init, bias_init=zeros_init, name='patch_embed')
     if s.mlp_time_embed:  # torch's nn.Sequential(Linear, SiLU, Linear): modules 0 and 2
-      dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=_normal)
+      dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=normal_init)
       self.time_embed_0 = dense(4 * d, name='time_embed_0')
       self.time_embed_2 = dense(d, name='time_embed_2')
     if s.conditional:
       self.label_emb = nn.Embed(s.num_classes, d, dtype=self.dtype,
                                 embedding_init=nn.initializers.normal(1.0), name='label_emb')
-    self.pos_embed = self.param('pos_embed', _normal, (1, s.num_tokens, d))
+    self.pos_embed = self.param('pos_embed', normal_init, (1, s.num_tokens, d))
     block = functools.partial(UViTBlock, d, s.num_heads, s.mlp_hidden, s.qkv_bias,
                               dtype=self.dtype)
     self.in_blocks = [block(name=f'in_blocks_{i}') for i in range(s.num_side)]
     self.mid_block = block(name='mid_block')
     self.out_blocks = [block(skip=True, name=f'out_blocks_{i}') for i in range(s.num_side)]
-    self.norm = _layer_norm(self.dtype, 'norm')
-    self.decoder_pred = nn.Dense(s.patch_dim, dtype=self.dtype, kernel_init=_normal,
+    self.norm = layer_norm(self.dtype, 'norm')
+    self.decoder_pred = nn.Dense(s.patch_dim, dtype=self.dtype, kernel_init=normal_init,
                                  name='decoder_pred')
     if s.conv:
       self.final_layer = nn.Conv(s.in_chans, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                                 kernel_init=_conv_init, bias_init=_zeros, name='final_layer')
+                                 kernel_init=conv_init, bias_init=zeros_init, name='final_layer')
 
   def time_token(self, t, batch: int):
     """(B, 1, width): U-ViT's ``timestep_embedding`` ([cos, sin], frequencies exp(-ln(1e4) i /
