@@ -270,7 +270,9 @@ def evaluate(config, workdir: str) -> list[dict]:
   out_dir = files.join(workdir, 'eval')
   results_path = files.join(out_dir, 'results.json')
   results = load_results(results_path)
-  evaluator = Evaluator(config, out_dir)
+  # config.eval.fid_method (optional; configs may omit it): 'svd' lets CPU presets skip
+  # sqrtm's slow Schur form of a rank-deficient 2048-d product.
+  evaluator = Evaluator(config, out_dir, fid_method=ev.get('fid_method', 'sqrtm'))
   writer = None
   try:
     from clu import metric_writers
@@ -331,7 +333,7 @@ def ase_grid(config, workdir: str) -> list[dict]:
   ``pareto.png`` and the pick for ``config.eval.ase_budget``.
   """
   out_dir = files.join(workdir, 'ase_grid')
-  evaluator = Evaluator(config, out_dir)
+  evaluator = Evaluator(config, out_dir, fid_method=config.eval.get('fid_method', 'sqrtm'))
   records = run_ase_grid(config, evaluator, out_dir)
   front = ase.pareto_front(records)
   pick = ase.pick_for_budget(records, config.eval.ase_budget)
