@@ -1,9 +1,11 @@
 """ADM on CelebA-HQ 64x64 (LEES's second benchmark: full FID 6.15, LEES 6.21, 34 % faster), and a
 CPU preset.
 
-Usage:
-  python -m lees_jax.main --config=configs/celebahq64_adm.py --config.mode=pretrain --workdir=W/pre
-  python -m lees_jax.main --config=configs/celebahq64_adm.py --config.backbone=W/pre --workdir=W/study
+Usage (README: "CelebA-HQ 64" for runtimes and memory):
+  python -m lees_jax.main --config=configs/celebahq64_adm.py --config.mode=pretrain \
+      --config.model.dtype=bfloat16 --workdir=W/pre
+  python -m lees_jax.main --config=configs/celebahq64_adm.py --config.backbone=W/pre \
+      --workdir=W/study
   python -m lees_jax.main --config=configs/celebahq64_adm.py:tiny --workdir=W   # CPU, offline
 
 Architecture (`paper`). LEES names only "ADM", so we take ADM's own 64x64 network -- the one
@@ -12,26 +14,25 @@ architecture Dhariwal & Nichol (2021) give at this resolution, guided-diffusion'
 ``--num_channels 192 --channel_mult 1,2,3,4 --num_res_blocks 3 --attention_resolutions 32,16,8
 --num_head_channels 64 --use_new_attention_order True --use_scale_shift_norm True
 --resblock_updown True --dropout 0.1 --learn_sigma True --noise_schedule cosine``.
-295,136,454 parameters, 58 gateable units (encoder: 15 ResBlocks, 3 of them resampling, and 9
-attention blocks; middle: 3; decoder: 19 ResBlocks, 3 resampling, and 12 attention blocks),
-210.8 GFLOPs per image (``--config.mode=describe``; a
-multiply-add is 2 FLOPs). Why this one and not a smaller net: it is the ADM a reader of "ADM at
-64x64" would build, its units are those of the public ImageNet-64 model (so what LEES learns on
-one transfers in kind to the other), and its dropout 0.1 is the regularisation a 30k-image set
-needs. A smaller ADM is a few overrides away (e.g. ``--config.model.model_channels=128
---config.model.num_res_blocks=2``: 101.7M parameters, 75.4 GFLOPs).
+295,136,454 parameters, 210.8 GFLOPs per image (a multiply-add is 2 FLOPs), 58 gateable units
+(encoder: 15 ResBlocks, 3 of them resampling, and 9 attention blocks; middle: 3; decoder: 19
+ResBlocks, 3 resampling, and 12 attention blocks); ``--config.mode=describe`` lists them. Why
+this one and not a smaller net: it is the ADM a reader of "ADM at 64x64" would build, its units
+are those of the public ImageNet-64 model (so what LEES learns on one transfers in kind to the
+other), and its dropout 0.1 is the regularisation a 30k-image set needs. A smaller ADM is a few
+overrides away (e.g. ``--config.model.model_channels=128 --config.model.num_res_blocks=2``:
+101.7M parameters, 75.4 GFLOPs).
 
 Data: TFDS ``celeb_a_hq/64`` (a manual download; the error says which files go where) or a
 folder of images (``dataset='image_folder'``), 64x64, random horizontal flips in pretraining.
-CelebA-HQ has one split (30,000 images), so the FID reference is the training split (as the ASE
-and U-ViT papers score CelebA) and the ASE grid's selection reference is a slice of it (see
-``c.ase``).
+CelebA-HQ has one split (30,000 images), so the FID reference is the training split and the
+ASE grid's selection reference is a slice of it (see ``c.ase``).
 
 Pretraining (no public CelebA-HQ 64 ADM exists: ``pretrain`` trains it): improved-diffusion's
 recipe -- Adam (AdamW with weight decay 0), learning rate 1e-4 without warm-up or gradient
 clipping, batch 128, EMA 0.9999, the hybrid loss (eps-MSE + the variational bound for the
 learned variance) -- for 500k steps (DDPM's CelebA-HQ schedule length, Ho et al. 2020: 0.5M;
-~2,100 epochs of 30k images).
+~2,100 epochs of 30k images). Batch 128 needs ~180 GB of activations in fp32: several GPUs.
 
 Sampling: the CIFAR-10 study's 50-step respaced DDPM, with the network's learned-range variance
 (improved DDPM) instead of a fixed one; x0 clipped to [-1, 1] (pixels).
