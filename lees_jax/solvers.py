@@ -56,6 +56,14 @@ class Solver:
   def num_steps(self) -> int:
     return int(self.timesteps.shape[0])
 
+  def timestep_values(self) -> list[int] | list[float]:
+    """``timesteps`` as results record them: integers for a discrete solver; for a continuous-
+    time one (``model_times`` set) the real-valued T t - 1 its gates read (`lees_jax.sde`),
+    which an integer would round to another time."""
+    if self.model_times is None:
+      return [int(t) for t in self.timesteps]
+    return [float(t) for t in self.timesteps]
+
   def init_state(self, x):
     if self.name == 'dpm_solver++':
       return (x, jnp.zeros_like(x))
@@ -205,12 +213,13 @@ def make_solver(schedule: diffusion.Schedule, name: str = 'ddpm', steps: int = 5
 
 
 def solver_from_config(diffusion_config, sampler_config) -> Solver:
-  """The solver of ``config.sampler`` (``variance`` defaults to 'fixed_large' when the config
-  has no such field). ``solver.variance`` / ``solver.describe()`` say which variance it uses."""
-  return make_solver(diffusion.schedule_from_config(diffusion_config), sampler_config.name,
-                     sampler_config.steps, sampler_config.get('spacing', ''),
-                     sampler_config.get('eta', 0.0), sampler_config.get('clip_x0', True),
-                     sampler_config.get('variance', 'fixed_large'))
+  """The solver of ``config.sampler`` for the process of ``config.diffusion``
+  (`lees_jax.processes`): a DDPM sampler of this module (``variance`` defaults to 'fixed_large'
+  when the config has no such field; ``solver.variance`` / ``solver.describe()`` say which it
+  uses), or for the VP SDE 'euler_maruyama' / 'dpm_solver' (`lees_jax.sde`). A sampler of the
+  other process is refused with what to choose."""
+  from lees_jax import processes  # pylint: disable=g-import-not-at-top  (it imports this module)
+  return processes.from_config(diffusion_config).solver(sampler_config)
 
 
 def start_step(solver: Solver, t_start: float) -> int:
