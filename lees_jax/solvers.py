@@ -92,6 +92,10 @@ class Solver:
     coefs['half_r_inv'][step] = 0.0
     return dataclasses.replace(self, coefs=coefs)
 
+  def start_steps(self) -> np.ndarray:
+    """The steps a partial run may start at (`starting_at`): every step of these solvers."""
+    return np.arange(self.num_steps)
+
   @property
   def needs_variance(self) -> bool:
     """Whether `update` reads the backbone's variance output v (DDPM 'learned_range')."""
@@ -224,14 +228,17 @@ def solver_from_config(diffusion_config, sampler_config) -> Solver:
 
 def start_step(solver: Solver, t_start: float) -> int:
   """The sampler step a partial run starts at: the first (noisiest) step whose original
-  timestep is <= ``t_start * T``, i.e. the largest kept timestep not above that level.
+  timestep is <= ``t_start * T``, i.e. the largest kept timestep not above that level, among
+  the steps a run can start at (`Solver.start_steps`: a DPM-Solver step's start, not its
+  intermediate evaluations; every step of the other solvers).
 
   ``t_start`` in [0, 1]; 1 gives step 0 (denoising from almost pure noise), 0 the last step
   (timestep 0). Every spacing keeps timestep 0, so a step always exists.
   """
   if not 0.0 <= t_start <= 1.0:
     raise ValueError(f't_start must be in [0, 1], got {t_start}')
-  below = np.nonzero(solver.timesteps <= t_start * solver.num_original_timesteps)[0]
+  starts = solver.start_steps()
+  below = starts[solver.timesteps[starts] <= t_start * solver.num_original_timesteps]
   if below.size == 0:
     raise ValueError(f'no timestep of {solver.describe()} (smallest {solver.timesteps.min()}) is '
                      f'<= {t_start} * {solver.num_original_timesteps}')

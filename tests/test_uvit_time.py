@@ -239,6 +239,25 @@ def test_gate_objective_reports_masks_at_the_samplers_continuous_times():
                              np.sort(solver.times), rtol=1e-12)
 
 
+def test_partial_runs_start_at_a_step_start_noised_by_the_marginal():
+  """Robustness's SDEdit start: the first step start whose time is <= t_start (+ 1/T, as for
+  DDPM timesteps), never a DPM-Solver intermediate evaluation; its input the VP SDE marginal."""
+  from lees_jax import samplers
+  process = processes.from_config(_tiny().diffusion)
+  em = process.solver(ml_collections.ConfigDict(dict(name='euler_maruyama', steps=1000)))
+  assert samplers.start_step(em, 0.5) == 499 and em.times[499] == pytest.approx(0.501)
+  dpm = process.solver(ml_collections.ConfigDict(dict(name='dpm_solver', steps=25)))
+  i0 = samplers.start_step(dpm, 0.5)
+  starts = [i for i in range(25) if dpm.coefs['first'][i] == 1.0]  # step starts: 0, 3, ...
+  assert i0 in starts and dpm.times[i0] <= 0.501
+  assert dpm.times[starts[starts.index(i0) - 1]] > 0.501
+  dpm.starting_at(i0)
+  x0, noise = _x0(2, 4), _x0(2, 4, seed=1)
+  a, s = _alpha_sigma(dpm.times[i0])
+  np.testing.assert_allclose(process.noise_to_step(dpm, x0, i0, noise),
+                             a * np.asarray(x0) + s * np.asarray(noise), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration errors.
 # ---------------------------------------------------------------------------------------------
