@@ -114,7 +114,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     # --config.sampler.name=euler_maruyama --config.sampler.steps=5.
     c.sampler.update(name='dpm_solver', steps=6, batch_size=4)
     c.eval.update(num_samples=8, latency_batch=4, latency_repeats=1, fid_batch_size=8,
-                  reference_split='test[:64]', policies=('full', 'ase:D1-U-ViT'), fid_method='svd')
+                  reference_split='test[:32]', policies=('full', 'ase:D1-U-ViT'), fid_method='svd')
     c.ase.update(grid_starts=(2, 6), grid_finals=(2 / 7, 4 / 7), grid_num_samples=8,
                  grid_reference_split='test[64:128]')
     c.ase_ft.update(batch_size=8, num_train_steps=20, reweight_steps=10, learning_rate=1e-3,

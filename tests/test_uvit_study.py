@@ -113,7 +113,8 @@ def test_a_vp_sde_backbone_refuses_a_ddpm_config(tmp_path):
   with pytest.raises(checkpoints.BackboneError, match='beta_max=20.0'):
     checkpoints.read_backbone(out, c.model, other)
   with pytest.raises(ValueError, match="'euler_maruyama', 'dpm_solver'"):
-    samplers.solver_from_config(c.diffusion, _config('evaluate', **{'sampler.name': 'ddpm'}).sampler)
+    samplers.solver_from_config(c.diffusion,
+                                _config('evaluate', **{'sampler.name': 'ddpm'}).sampler)
   with pytest.raises(ValueError, match="process='vp_sde'"):
     samplers.solver_from_config(ddpm, c.sampler)
   mixed = cifar10.get_config('tiny').diffusion

@@ -83,7 +83,8 @@ def test_ddpm_draw_is_the_draw_the_objectives_always_made():
   np.testing.assert_array_equal(noised.network_time, t)
   np.testing.assert_array_equal(noised.noise, noise)
   abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))[np.asarray(t)]
-  want = _shape(np.sqrt(abar), x0) * np.asarray(x0) + _shape(np.sqrt(1 - abar), x0) * np.asarray(noise)
+  want = (_shape(np.sqrt(abar), x0) * np.asarray(x0)
+          + _shape(np.sqrt(1 - abar), x0) * np.asarray(noise))
   np.testing.assert_allclose(noised.x_t, want, atol=1e-5)
   np.testing.assert_array_equal(noised.x_t, diffusion.q_sample(process.schedule, x0, t, noise))
   np.testing.assert_allclose(noised.gate_time, (np.asarray(t) + 1) / 1000, rtol=1e-7)
@@ -156,8 +157,8 @@ def test_lees_gates_read_t_and_the_network_999t(monkeypatch):
   np.testing.assert_allclose(t_net, noised.t, rtol=1e-6)
   a, s = _alpha_sigma(t_net)
   x0 = np.asarray(batch['image'], np.float64)
-  np.testing.assert_allclose(call['x'], _shape(a, x0) * x0 + _shape(s, x0) * np.asarray(noised.noise),
-                             atol=1e-5)
+  want = _shape(a, x0) * x0 + _shape(s, x0) * np.asarray(noised.noise)
+  np.testing.assert_allclose(call['x'], want, atol=1e-5)
   g = 1.0 / (1.0 + np.exp(-(t_net[:, None] * np.asarray(alpha) + np.asarray(beta))))
   mse = np.mean((0.5 * call['x'] - np.asarray(noised.noise)) ** 2)
   np.testing.assert_allclose(metrics['mse'], mse, rtol=1e-5)

@@ -67,14 +67,16 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
 
   Every example runs the network as the sampler would at its time (the diffusion process's draw,
   `lees_jax.processes`: a DDPM timestep, or U-ViT's continuous VP SDE t, whose tenth of
-  normalised time picks the column): the schedule's keep column for the example's interval becomes the fixed per-example mask `gates.ExampleMask`, so a dropped unit contributes exactly its skip path (identity, or the 1x1
-  shortcut of a ResBlock that changes channels -- that projection runs and is trained) and gets
-  exactly zero gradient from that example. Loss (`diffusion.hybrid_loss_terms`), per example i:
-  lambda(t_i) mse_i for an epsilon-only backbone (the DDPM UNet, U-ViT), lambda(t_i) mse_i + vb_i for
-  one with a learned variance (output 'eps_variance': DiT with learn_sigma), averaged over the
-  batch; mse_i is the eps-MSE (mean over dimensions), vb_i improved DDPM's variational-bound term
+  normalised time picks the column): the schedule's keep column for the example's interval
+  becomes the fixed per-example mask `gates.ExampleMask`, so a dropped unit contributes exactly
+  its skip path (identity, the 1x1 shortcut of a ResBlock that changes channels, U-ViT's
+  skip-Linear -- those run and are trained) and gets exactly zero gradient from that example.
+  Loss (the process's: `diffusion.hybrid_loss_terms` for DDPM, the eps-MSE for the VP SDE), per
+  example i: lambda(t_i) mse_i for an epsilon-only backbone (the DDPM UNet, U-ViT),
+  lambda(t_i) mse_i + vb_i for one with a learned variance (output 'eps_variance': DiT with
+  learn_sigma), averaged over the batch; mse_i is the eps-MSE (mean over dimensions), vb_i improved DDPM's variational-bound term
   `diffusion.vb_terms_bpd` * T/1000, with eps under a stop-gradient (the vb trains the variance v
-  only, the mse epsilon only), lambda(t) `ase_time_weight`. So the variance outputs of the last
+  only, the mse epsilon only), lambda(t) `ase_time_weight` (`ase_lambda` of the gates' time). So the variance outputs of the last
   layer are fine-tuned too, on the vb of the dropped-block forward. ASE's released DiT
   fine-tuning (``train_ase.py``: ``create_ase_diffusion``, DiT's learn_sigma with loss type MSE)
   trains mse + vb with lambda = 1 (its 'default' schedule, the only one it implements; a
