@@ -39,8 +39,11 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       dtype='float32',  # compute dtype: 'float32' or 'bfloat16' (params stay float32)
   ))
 
+  # The diffusion process (lees_jax/processes.py): 'ddpm', the discrete DDPM process of these
+  # fields; U-ViT's continuous VP SDE is process='vp_sde' with beta_min / beta_max / t_min
+  # (configs/celeba64_uvit.py).
   c.diffusion = ml_collections.ConfigDict(dict(
-      num_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02))
+      process='ddpm', num_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02))
 
   # Input pipeline (lees_jax/data.py): 'cifar10' through tfds, or 'cifar10_subset', the real
   # CIFAR-10 images shipped in lees_jax/data (offline); other backbones' configs read
@@ -93,8 +96,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       fid_batch_size=200,
       latency_batch=100, latency_repeats=5,
       ase_budget=0.75,      # FLOP budget for policies 'ase_grid:<file>' and the grid's pick
-      fid_method='sqrtm'))  # evaluate / ase_grid: 'sqrtm' (published numbers) or 'svd' (fast);
-                            # the study has its own (config.experiment.fid_method)
+      # Fréchet distance of evaluate / ase_grid: 'sqrtm' (published numbers) or 'svd' (fast,
+      # exact for PSD; the study has its own, experiment.fid_method)
+      fid_method='sqrtm'))
 
   # ASE baseline: the drop-length grid (B3; see lees_jax/ase.py). The grid is scored on a
   # selection seed and reference of its own (not a study seed, not the evaluation reference),

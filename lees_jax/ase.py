@@ -135,26 +135,39 @@ def named_schedule(name: str, units, max_drop_fraction: float | None = None) -> 
   return policies.SchedulePolicy(schedule_matrix(D_FRACTIONS[key], len(units), cap), name=name)
 
 
-def table5_as_run(units, model_cost, timesteps, num_timesteps: int) -> list[dict]:
+def table5_as_run(units, model_cost, timesteps, num_timesteps: int,
+                  uvit_rows: Sequence[str] = ()) -> list[dict]:
   """Each Table 5 row as this backbone runs it: kept units per interval (the paper's DiT row
   rescaled, then capped by `max_drop_fraction_for`), executed-block ratio and FLOP fraction on
-  the sampler's ``timesteps``, and where the cap cut the row.
+  the sampler's ``timesteps`` (integer or a continuous sampler's real-valued ones), and where the
+  cap cut the row. ``uvit_rows`` adds those U-ViT rows (`UVIT_KEPT`: decoder blocks kept, no cap).
 
   On the DDPM UNet the cap (16 of 28 droppable) cuts D4 and D7, whose last intervals keep 8 of
   28 DiT blocks: they run with 12 kept units there, so they are lighter drops than the paper's.
+  ``table5_kept`` is the row as Table 5 prints it, of ``table5_of`` blocks.
   """
   n = len(units)
   rows = []
-  for name in sorted(D_FRACTIONS):
-    uncapped = schedule_matrix(D_FRACTIONS[name], n).sum(axis=0)
-    policy = named_schedule(name, units)
+
+  def row(name, policy, table5, table5_of, uncapped):
     kept = policy.matrix.sum(axis=0)
     masks = policy.step_masks(timesteps, num_timesteps, n)
-    rows.append({'name': name, 'table5_kept_of_28': list(DIT_KEPT[name]),
-                 'kept_uncapped': uncapped.astype(int).tolist(), 'kept': kept.astype(int).tolist(),
-                 'cut_by_cap': bool((kept != uncapped).any()), 'num_units': n,
-                 'executed_block_ratio': policies.executed_block_ratio(masks),
-                 'flop_fraction': model_cost.flop_fraction(masks)})
+    return {'name': name, 'table5_kept': list(table5), 'table5_of': table5_of,
+            'kept_uncapped': uncapped.astype(int).tolist(), 'kept': kept.astype(int).tolist(),
+            'cut_by_cap': bool((kept != uncapped).any()), 'num_units': n,
+            'executed_block_ratio': policies.executed_block_ratio(masks),
+            'flop_fraction': model_cost.flop_fraction(masks)}
+
+  for name in sorted(D_FRACTIONS):
+    r = row(name, named_schedule(name, units), DIT_KEPT[name], f'{DIT_BLOCKS} DiT blocks',
+            schedule_matrix(D_FRACTIONS[name], n).sum(axis=0))
+    rows.append(dict(r, table5_kept_of_28=r['table5_kept']))  # the name earlier files used
+  for name in uvit_rows:
+    if name not in UVIT_KEPT:
+      raise ValueError(f'unknown U-ViT row {name!r}; Table 5 has {sorted(UVIT_KEPT)}')
+    policy = named_schedule(name, units)
+    rows.append(row(name, policy, UVIT_KEPT[name],
+                    f'{UVIT_DECODER_BLOCKS} U-ViT-S decoder blocks', policy.matrix.sum(axis=0)))
   return rows
 
 

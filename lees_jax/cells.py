@@ -84,9 +84,10 @@ def plan_cells(ex) -> list[Cell]:
   if not ex.seeds:
     raise ValueError('experiment.seeds is empty')
   from lees_jax import ase  # pylint: disable=g-import-not-at-top
-  bad_rows = [r for r in ex.get('ase_rows', ()) if r not in ase.D_FRACTIONS]
+  table5 = sorted(ase.D_FRACTIONS) + sorted(ase.UVIT_KEPT)  # DiT's rows and U-ViT's
+  bad_rows = [r for r in ex.get('ase_rows', ()) if r not in table5]
   if bad_rows:
-    raise ValueError(f'unknown experiment.ase_rows {bad_rows}; Table 5 has {sorted(ase.D_FRACTIONS)}')
+    raise ValueError(f'unknown experiment.ase_rows {bad_rows}; Table 5 has {table5}')
   if {'random', 'soft', 'soft_trained'} & set(ex.ablations) and main not in lams:
     raise ValueError(f'experiment.main_lam={main:g} must be one of experiment.lams {lams} '
                      '(A1, A1\' and A3 are defined relative to it)')
@@ -97,7 +98,7 @@ def plan_cells(ex) -> list[Cell]:
       cells.append(Cell(f'b1_full_s{s}', 'baseline', 'B1 full', 'full', s))
     if 'ase_default' in ex.baselines:
       cells.append(Cell(f'b2_ase_default_s{s}', 'baseline', 'B2 ASE-default', 'ase', s))
-    for row in ex.get('ase_rows', ()):  # Table 5's other D-n rows, frozen backbone
+    for row in ex.get('ase_rows', ()):  # Table 5's other rows (DiT's D-n, U-ViT's), frozen backbone
       cells.append(Cell(f'ase_{row}_s{s}', 'baseline', ase_row_label(row), 'ase', s,
                         schedule=row))
     for lam in lams:

@@ -137,10 +137,17 @@ def read_backbone_meta(path: str) -> dict:
   return meta
 
 
-def load_backbone_params(path: str, expected_model_config=None):
-  """Returns (model_config as ConfigDict, params). Checks the architecture if one is expected."""
+def load_backbone_params(path: str, expected_model_config=None, expected_diffusion=None):
+  """Returns (model_config as ConfigDict, params). Checks the architecture if one is expected,
+  and with ``expected_diffusion`` (a config.diffusion) that the backbone's recorded diffusion
+  process is the one the config trains and samples (`processes.backbone_mismatch`)."""
   directory = find_backbone_dir(path)
   meta = read_backbone_meta(directory)
+  if expected_diffusion is not None:
+    from lees_jax import processes  # pylint: disable=g-import-not-at-top
+    problem = processes.backbone_mismatch(meta.get('diffusion'), expected_diffusion)
+    if problem:
+      raise BackboneError(f'backbone at {directory} does not match config.diffusion: {problem}')
   model_config = ml_collections.ConfigDict(meta['model'])
   if expected_model_config is not None:
     # Training settings (the UNet's dropout, DiT's label dropout) are not the architecture.
@@ -207,14 +214,16 @@ def _localize(path: str) -> str:
       f'in {path.rstrip("/")}/backbone')
 
 
-def read_backbone(path: str, model_config) -> tuple[Any, str]:
-  """(params, backbone directory) of a local or gs:// backbone checked against config.model.
+def read_backbone(path: str, model_config, diffusion_config=None) -> tuple[Any, str]:
+  """(params, backbone directory) of a local or gs:// backbone checked against config.model
+  (and, when given, its diffusion process against config.diffusion).
 
   Fails (naming the path and what was expected) before anything touches the workdir.
   """
   source = _localize(path) if files.is_remote(path) else path
   with quiet():
-    _, params = load_backbone_params(source, expected_model_config=model_config)
+    _, params = load_backbone_params(source, expected_model_config=model_config,
+                                     expected_diffusion=diffusion_config)
   backbone_dir = find_backbone_dir(source)
   if source != path:
     shutil.rmtree(os.path.dirname(source), ignore_errors=True)

@@ -164,7 +164,10 @@ class Evaluator:
     self.config = config
     ev = config.eval
     self.backbone_path = backbone or config.backbone
-    _, self.params = checkpoints.load_backbone_params(self.backbone_path, config.model)
+    # The backbone's recorded diffusion process must be the config's (a VP SDE U-ViT cannot be
+    # sampled by a DDPM solver, nor the other way round).
+    _, self.params = checkpoints.load_backbone_params(self.backbone_path, config.model,
+                                                      expected_diffusion=config.diffusion)
     self.model = models.build_model(config.model, dtype=config.sampler.dtype)
     self.solver = samplers.solver_from_config(config.diffusion, config.sampler)
     # A latent backbone's samples are decoded to images before FID (DiT: vae.decode(z/0.18215)).
@@ -236,7 +239,8 @@ class Evaluator:
                sampler_variance=(self.solver.variance if self.solver.variance is not None else
                                  float(self.config.sampler.eta) if self.solver.name == 'ddim'
                                  else None),
-               num_samples=int(num_samples), fid=fid_value, block_ratio=program.block_ratio,
+               num_samples=int(num_samples), fid=fid_value, fid_method=self.fid_method,
+               block_ratio=program.block_ratio,
                flop_fraction=program.flop_fraction, path=program.path, segments=len(program.segments),
                reference=reference, reference_count=ref_stats.count,
                dtype=self.config.sampler.dtype, device=str(jax.devices()[0].device_kind),
@@ -260,9 +264,11 @@ class Evaluator:
     unit_names = [u.name for u in self.model.units]
     if isinstance(policy, policies.LeesPolicy):
       img = report.gate_heatmap(policy, unit_names, timesteps=self.solver.timesteps,
+                                num_timesteps=self.solver.num_original_timesteps,
                                 title=f'{resolved.name}: g_k(t), dots = executed')
     else:
       img = report.mask_heatmap(program.masks, unit_names, self.solver.timesteps,
+                                num_timesteps=self.solver.num_original_timesteps,
                                 title=f'{resolved.name}: executed units')
     report.save_png(img, files.join(self.out_dir, f'gates_{name}.png'))
 

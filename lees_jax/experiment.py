@@ -182,12 +182,12 @@ class _Runner:
     self._grid_pick = None
 
   def _write_ase_schedules(self):
-    """W/experiment/ase_schedules.json: each Table 5 row as this backbone and sampler run it
-    (kept units per interval, where the cap cut it, executed ratio, FLOPs), for the report."""
+    """W/experiment/ase_schedules.json: Table 5's rows (U-ViT's among ase_rows) as run here."""
     from lees_jax import ase, cost  # pylint: disable=g-import-not-at-top
     model, solver = self.evaluator.model, self.evaluator.solver
+    uvit = [r for r in self.ex.get('ase_rows', ()) if r in ase.UVIT_KEPT]
     rows = ase.table5_as_run(model.units, cost.model_cost(model), solver.timesteps,
-                             solver.num_original_timesteps)
+                             solver.num_original_timesteps, uvit)
     files.write_json(files.join(self.out, cells.ASE_SCHEDULES_FILE), rows)
 
   # -- policies --------------------------------------------------------------
@@ -325,8 +325,8 @@ class _Runner:
                form=cell.form, train_form=cell.train_form, regularizer=cell.regularizer,
                seed=int(cell.seed), fid_method=self.ex.fid_method,
                masks=np.asarray(program.masks, int).tolist(),
-               timesteps=[int(t) for t in self.evaluator.solver.timesteps],
-               num_timesteps=int(self.config.diffusion.num_timesteps),
+               timesteps=self.evaluator.solver.timestep_values(),  # real-valued when continuous
+               num_timesteps=int(self.evaluator.solver.num_original_timesteps),
                unit_names=[u.name for u in self.evaluator.model.units], backbone=self.backbone,
                seconds={'total': time.perf_counter() - t_cell, 'evaluate': eval_seconds,
                         'robustness': rob_seconds,

@@ -154,10 +154,18 @@ class FullPolicy(Policy):
     return {'kind': self.kind}
 
 
+def interval_of_time(t, num_intervals: int):
+  """The interval of normalised times t: interval i covers (i/n, (i+1)/n] (t = 0 is in the
+  first). numpy in, numpy out (masks of a sampler's steps); jax in, jax out (the per-example
+  masks of training at a continuous t, `lees_jax.processes`)."""
+  xp = _xp(t)
+  i = xp.ceil(t * num_intervals - 1e-9).astype(int if xp is np else jnp.int32) - 1
+  return xp.clip(i, 0, num_intervals - 1)
+
+
 def interval_index(timesteps: Sequence[int], num_timesteps: int, num_intervals: int) -> np.ndarray:
   """Interval i covers normalised t in (i/n, (i+1)/n]; t = (timestep+1)/T."""
-  t = normalized_time(timesteps, num_timesteps, np.float64)
-  return np.clip(np.ceil(t * num_intervals - 1e-9).astype(int) - 1, 0, num_intervals - 1)
+  return interval_of_time(normalized_time(timesteps, num_timesteps, np.float64), num_intervals)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -184,9 +184,11 @@ def write_report(workdir: str) -> str:
   if summary.get('ase_schedules'):
     add('ASE\'s Table 5 rows as this backbone runs them (B2 is D3; kept units per interval of t, '
         '[0, 0.1] first; the UNet may drop at most its up path and last middle unit):\n')
-    add(_md_table(['row', 'Table 5 (of 28 DiT blocks)', 'kept here (of units)', 'cut by the cap',
+    dit = '28 DiT blocks'  # a U-ViT row says what it counts (`ase.table5_as_run`)
+    add(_md_table(['row', f'Table 5 (of {dit})', 'kept here (of units)', 'cut by the cap',
                    'executed blocks', 'FLOPs'],
-                  [[r['name'], ' '.join(map(str, r['table5_kept_of_28'])),
+                  [[r['name'], ' '.join(map(str, r.get('table5_kept', r.get('table5_kept_of_28'))))
+                    + ('' if r.get('table5_of', dit) == dit else f' (of {r["table5_of"]})'),
                     ' '.join(map(str, r['kept'])) + f' (of {r["num_units"]})',
                     'yes' if r['cut_by_cap'] else 'no', f'{r["executed_block_ratio"]:.1%}',
                     f'{r["flop_fraction"]:.1%}'] for r in summary['ase_schedules']]))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lees_jax import data, diffusion, files, policies, samplers
+from lees_jax import data, files, policies, processes, samplers
 
 DEFAULT_T_START = 0.5  # config.experiment.robustness_t_start when the config has no such field
 
@@ -34,8 +34,8 @@ DEFINITION = (
     'in order, so its image i is a corrupted copy of clean test image i) and the same '
     '{num_images} clean images x of `{clean}`. Each input is noised to sampler step '
     'i0 = {start_step} of the sampler ({sampler}), the first step whose timestep is <= '
-    't_start·T = {t_start:g}·{num_timesteps} (τ = {timestep}): x_τ = sqrt(ᾱ_τ)·x + '
-    'sqrt(1 − ᾱ_τ)·ε, with one fixed ε per image (drawn from the cell\'s seed) shared by every '
+    't_start·T = {t_start:g}·{num_timesteps} (τ = {timestep}): {noising}, with one fixed ε per '
+    'image (drawn from the cell\'s seed) shared by every '
     'policy, every corruption and the clean copy, so comparisons are paired; the policy π\'s '
     'own sampler then denoises it from step i0 to the end ({steps_run} of its {num_steps} steps), '
     'giving D_π. '
@@ -115,7 +115,9 @@ class Robustness:
     self.evaluator = evaluator
     self.fid = evaluator.fid
     self.solver = evaluator.solver
-    self.schedule = diffusion.schedule_from_config(config.diffusion)
+    # How an input is noised to the start step: the backbone's diffusion process (DDPM's
+    # q(x_τ | x), or the VP SDE's marginal at a continuous t).
+    self.process = processes.from_config(config.diffusion)
     self.t_start = float(ex.get('robustness_t_start', DEFAULT_T_START))
     self.start_step = samplers.start_step(self.solver, self.t_start)
     if evaluator.model.input.kind != 'pixels':
@@ -144,7 +146,7 @@ class Robustness:
         num_images=n, corrupted=corrupted, severity=int(ex.severity), clean=clean_name,
         start_step=self.start_step, sampler=self.solver.describe(), t_start=self.t_start,
         num_timesteps=self.solver.num_original_timesteps,
-        timestep=int(self.solver.timesteps[self.start_step]),
+        timestep=self.solver.timestep_values()[self.start_step], noising=self.process.noising,
         steps_run=self.solver.num_steps - self.start_step, num_steps=self.solver.num_steps,
         num_corruptions=len(self.corrupted))
     self.definition = definition(**self.definition_values)
@@ -180,7 +182,7 @@ class Robustness:
       x0 = np.zeros(shape, np.float32)  # a short last batch is padded; its extra rows dropped
       x0[:chunk.shape[0]] = data.to_model_range(chunk)
       eps = jax.random.normal(jax.random.fold_in(noise_key, b), shape, jnp.float32)
-      x = samplers.noise_to_step(self.schedule, self.solver, x0, self.start_step, eps)
+      x = self.process.noise_to_step(self.solver, x0, self.start_step, eps)
       yield data.to_uint8(program(params, jax.random.fold_in(step_key, b), x))[:chunk.shape[0]]
 
   def _stats(self, program, params, images, seed):

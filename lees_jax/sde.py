@@ -126,13 +126,19 @@ class SDESolver(Solver):
     t = jnp.asarray(self.times, jnp.float32)[i]
     return (x - self.sde.sigma(t) * eps) / self.sde.alpha(t)
 
+  def start_steps(self) -> np.ndarray:
+    """Every Euler-Maruyama step; the first evaluation of each DPM-Solver step."""
+    if self.name == 'dpm_solver':
+      return np.nonzero(self.coefs['first'] == 1.0)[0]
+    return np.arange(self.num_steps)
+
   def starting_at(self, step: int) -> 'SDESolver':
     """A partial run from step ``step``: any Euler-Maruyama step, or the first evaluation of a
     DPM-Solver step (its state there is x alone)."""
     if not 0 <= step < self.num_steps:
       raise ValueError(f'start step {step} is not a step of this {self.num_steps}-step sampler')
-    if self.name == 'dpm_solver' and self.coefs['first'][step] != 1.0:
-      starts = np.nonzero(self.coefs['first'] == 1.0)[0].tolist()
+    if step not in self.start_steps():
+      starts = self.start_steps().tolist()
       raise ValueError(f'step {step} is an intermediate evaluation of a DPM-Solver step: a '
                        f'partial run starts at a step start, one of {starts}')
     return self

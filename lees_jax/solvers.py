@@ -56,6 +56,14 @@ class Solver:
   def num_steps(self) -> int:
     return int(self.timesteps.shape[0])
 
+  def timestep_values(self) -> list[int] | list[float]:
+    """``timesteps`` as results record them: integers for a discrete solver; for a continuous-
+    time one (``model_times`` set) the real-valued T t - 1 its gates read (`lees_jax.sde`),
+    which an integer would round to another time."""
+    if self.model_times is None:
+      return [int(t) for t in self.timesteps]
+    return [float(t) for t in self.timesteps]
+
   def init_state(self, x):
     if self.name == 'dpm_solver++':
       return (x, jnp.zeros_like(x))
@@ -83,6 +91,10 @@ class Solver:
     coefs = dict(self.coefs, half_r_inv=self.coefs['half_r_inv'].copy())
     coefs['half_r_inv'][step] = 0.0
     return dataclasses.replace(self, coefs=coefs)
+
+  def start_steps(self) -> np.ndarray:
+    """The steps a partial run may start at (`starting_at`): every step of these solvers."""
+    return np.arange(self.num_steps)
 
   @property
   def needs_variance(self) -> bool:
@@ -205,24 +217,28 @@ def make_solver(schedule: diffusion.Schedule, name: str = 'ddpm', steps: int = 5
 
 
 def solver_from_config(diffusion_config, sampler_config) -> Solver:
-  """The solver of ``config.sampler`` (``variance`` defaults to 'fixed_large' when the config
-  has no such field). ``solver.variance`` / ``solver.describe()`` say which variance it uses."""
-  return make_solver(diffusion.schedule_from_config(diffusion_config), sampler_config.name,
-                     sampler_config.steps, sampler_config.get('spacing', ''),
-                     sampler_config.get('eta', 0.0), sampler_config.get('clip_x0', True),
-                     sampler_config.get('variance', 'fixed_large'))
+  """The solver of ``config.sampler`` for the process of ``config.diffusion``
+  (`lees_jax.processes`): a DDPM sampler of this module (``variance`` defaults to 'fixed_large'
+  when the config has no such field; ``solver.variance`` / ``solver.describe()`` say which it
+  uses), or for the VP SDE 'euler_maruyama' / 'dpm_solver' (`lees_jax.sde`). A sampler of the
+  other process is refused with what to choose."""
+  from lees_jax import processes  # pylint: disable=g-import-not-at-top  (it imports this module)
+  return processes.from_config(diffusion_config).solver(sampler_config)
 
 
 def start_step(solver: Solver, t_start: float) -> int:
   """The sampler step a partial run starts at: the first (noisiest) step whose original
-  timestep is <= ``t_start * T``, i.e. the largest kept timestep not above that level.
+  timestep is <= ``t_start * T``, i.e. the largest kept timestep not above that level, among
+  the steps a run can start at (`Solver.start_steps`: a DPM-Solver step's start, not its
+  intermediate evaluations; every step of the other solvers).
 
   ``t_start`` in [0, 1]; 1 gives step 0 (denoising from almost pure noise), 0 the last step
   (timestep 0). Every spacing keeps timestep 0, so a step always exists.
   """
   if not 0.0 <= t_start <= 1.0:
     raise ValueError(f't_start must be in [0, 1], got {t_start}')
-  below = np.nonzero(solver.timesteps <= t_start * solver.num_original_timesteps)[0]
+  starts = solver.start_steps()
+  below = starts[solver.timesteps[starts] <= t_start * solver.num_original_timesteps]
   if below.size == 0:
     raise ValueError(f'no timestep of {solver.describe()} (smallest {solver.timesteps.min()}) is '
                      f'<= {t_start} * {solver.num_original_timesteps}')

@@ -18,14 +18,13 @@ import optax
 from lees_jax import ase
 from lees_jax import checkpoints
 from lees_jax import cost
-from lees_jax import diffusion
 from lees_jax import files
 from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
-from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, batch_labels,
-                                      draw_t_noise, merge, num_steps,
-                                      partition, sampler_timesteps)
+from lees_jax import processes
+from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, batch_labels, merge,
+                                      num_steps, partition, sampler_timesteps)
 
 ASE_SCHEDULE_FILE = 'ase_schedule.json'
 ASE_REWEIGHTS = ('none', 'paper')
@@ -41,7 +40,8 @@ def ase_time_weight(t, num_timesteps: int, step, reweight: str = 'paper', coef: 
   lambda(t) value back to 1". Algorithm 1 takes a "time-dependent coefficient lambda(t)" and a
   "re-weighting cycle C" but gives neither; the released code implements lambda(t) = 1 only.
 
-  What we implement (t_n = (t + 1) / T in (0, 1], the gates' normalised time):
+  What we implement (t_n = (t + 1) / T in (0, 1], the gates' normalised time; `ase_lambda`
+  takes t_n itself, as a continuous-time process draws it):
     reweight='none':  lambda(t) = 1                                   (the released code)
     reweight='paper': lambda(t) = 1 + coef * t_n  while step < reweight_steps (the cycle C),
                       then 1.
@@ -49,7 +49,12 @@ def ase_time_weight(t, num_timesteps: int, step, reweight: str = 'paper', coef: 
   and 1 + coef at the noise end, where the schedule drops the most units; it needs no knowledge
   of the schedule, and coef = 0 or reweight_steps = 0 recovers lambda = 1.
   """
-  t_n = policies.normalized_time(t, num_timesteps)
+  return ase_lambda(policies.normalized_time(t, num_timesteps), step, reweight, coef,
+                    reweight_steps)
+
+
+def ase_lambda(t_n, step, reweight: str = 'paper', coef: float = 1.0, reweight_steps: int = 0):
+  """`ase_time_weight` at normalised times ``t_n`` (`processes.NoisedBatch.gate_time`)."""
   if reweight == 'none':
     return jnp.ones_like(t_n)
   if reweight == 'paper':
@@ -60,15 +65,18 @@ def ase_time_weight(t, num_timesteps: int, step, reweight: str = 'paper', coef: 
 def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   """ASE fine-tuning: the backbone (its EMA params) trained under a fixed ASE schedule.
 
-  Every example runs the network as the sampler would at its timestep: the schedule's keep
-  column for the example's interval becomes the fixed per-example mask `gates.ExampleMask`, so a dropped unit contributes exactly its skip path (identity, or the 1x1
-  shortcut of a ResBlock that changes channels -- that projection runs and is trained) and gets
-  exactly zero gradient from that example. Loss (`diffusion.hybrid_loss_terms`), per example i:
-  lambda(t_i) mse_i for an epsilon-only backbone (the DDPM UNet), lambda(t_i) mse_i + vb_i for
-  one with a learned variance (output 'eps_variance': DiT with learn_sigma), averaged over the
-  batch; mse_i is the eps-MSE (mean over dimensions), vb_i improved DDPM's variational-bound term
+  Every example runs the network as the sampler would at its time (the diffusion process's draw,
+  `lees_jax.processes`: a DDPM timestep, or U-ViT's continuous VP SDE t, whose tenth of
+  normalised time picks the column): the schedule's keep column for the example's interval
+  becomes the fixed per-example mask `gates.ExampleMask`, so a dropped unit contributes exactly
+  its skip path (identity, the 1x1 shortcut of a ResBlock that changes channels, U-ViT's
+  skip-Linear -- those run and are trained) and gets exactly zero gradient from that example.
+  Loss (the process's: `diffusion.hybrid_loss_terms` for DDPM, the eps-MSE for the VP SDE), per
+  example i: lambda(t_i) mse_i for an epsilon-only backbone (the DDPM UNet, U-ViT),
+  lambda(t_i) mse_i + vb_i for one with a learned variance (output 'eps_variance': DiT with
+  learn_sigma), averaged over the batch; mse_i is the eps-MSE (mean over dimensions), vb_i improved DDPM's variational-bound term
   `diffusion.vb_terms_bpd` * T/1000, with eps under a stop-gradient (the vb trains the variance v
-  only, the mse epsilon only), lambda(t) `ase_time_weight`. So the variance outputs of the last
+  only, the mse epsilon only), lambda(t) `ase_time_weight` (`ase_lambda` of the gates' time). So the variance outputs of the last
   layer are fine-tuned too, on the vb of the dropped-block forward. ASE's released DiT
   fine-tuning (``train_ase.py``: ``create_ase_diffusion``, DiT's learn_sigma with loss type MSE)
   trains mse + vb with lambda = 1 (its 'default' schedule, the only one it implements; a
@@ -96,12 +104,14 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   if ac.lr_schedule not in ('constant', 'cosine'):
     raise ValueError(f"config.ase_ft.lr_schedule must be 'constant' or 'cosine', got {ac.lr_schedule!r}")
   model = models.build_model(config.model)
+  process = processes.for_model(config.diffusion, model)
   units = model.units
   unit_names = [u.name for u in units]
   K = len(units)
   policy = ase.resolve_schedule(ac.schedule, units, config)  # before the backbone is read
   if backbone is None:
-    params, backbone_dir = checkpoints.read_backbone(config.backbone, config.model)
+    params, backbone_dir = checkpoints.read_backbone(config.backbone, config.model,
+                                                     config.diffusion)
   else:
     params, backbone_dir = backbone, '<given parameters>'
   params = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(params))
@@ -109,9 +119,8 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   # The backbone names its timestep-MLP subtrees (UNet: temb_dense_*; DiT: t_embed_in/out).
   trainable, frozen = partition(
       params, lambda path, leaf: not (freeze and path[0] in model.time_embedding))
-  schedule = diffusion.schedule_from_config(config.diffusion)
-  T = schedule.num_steps
-  keep_table = policy.step_masks(np.arange(T), T, K)  # (T, K): unit k runs at timestep t
+  T = process.gate_timesteps
+  keep_of = process.schedule_keep(policy, K)  # draw -> (B, K): unit k runs at its time
   n_steps = num_steps(ac, config.data)
   lr = (optax.cosine_decay_schedule(ac.learning_rate, n_steps) if ac.lr_schedule == 'cosine'
         else optax.constant_schedule(ac.learning_rate))
@@ -122,14 +131,13 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
 
   def loss_fn(trainable, frozen, batch, rng, step):
     x0 = batch['image']
-    t, noise = draw_t_noise(rng, x0, T)
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
-    keep = jnp.asarray(keep_table)[t]  # (B, K)
-    eps, v = models.predict_eps(model, merge(trainable, frozen), x_t, t, batch_labels(model, batch),
-                                gates=gating.ExampleMask(keep), train=True,
-                                rngs={'dropout': jax.random.fold_in(rng, 2)})
-    mse, vb = diffusion.hybrid_loss_terms(schedule, x0, x_t, t, noise, eps, v)
-    lam = ase_time_weight(t, T, step, reweight, coef, rw_steps)
+    noised = process.draw(rng, x0)
+    keep = keep_of(noised)  # (B, K)
+    eps, v = models.predict_eps(model, merge(trainable, frozen), noised.x_t, noised.network_time,
+                                batch_labels(model, batch), gates=gating.ExampleMask(keep),
+                                train=True, rngs={'dropout': jax.random.fold_in(rng, 2)})
+    mse, vb = process.loss_terms(x0, noised, eps, v)
+    lam = ase_lambda(noised.gate_time, step, reweight, coef, rw_steps)
     per_example = lam * mse if vb is None else lam * mse + vb
     metrics = {'mse': mse.mean(), 'lambda_mean': lam.mean(),
                'kept_fraction': keep.astype(jnp.float32).mean()}
@@ -158,9 +166,10 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
     summary = {
         'format': 'lees_jax.ase_schedule', 'version': 1, **policy.to_dict(),
         'spec': str(ac.schedule), 'units': unit_names, 'num_timesteps': T,
+        'diffusion': process.describe(),
         'executed_block_ratio': ratio, 'flop_fraction': flops,
         'sampler': {'name': config.sampler.name, 'steps': len(timesteps),
-                    'timesteps': [int(t) for t in timesteps]},
+                    'timesteps': list(timesteps)},
         'backbone': path, 'base_backbone': backbone_dir, 'step': int(state['step']),
         'seed': int(config.seed), 'config': config.to_dict(),
     }
@@ -184,7 +193,7 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
                + (f' (1 + {coef} t for {rw_steps} steps)' if reweight == 'paper' else '')
                + (', loss lambda(t) eps-MSE + vb (learned variance)'
                   if model.output == 'eps_variance' else '')
-               + f', backbone {backbone_dir}')
+               + f', {process.describe()}, backbone {backbone_dir}')
 
 
 def load_ase_finetuned(workdir: str, expected_model_config=None
@@ -193,7 +202,8 @@ def load_ase_finetuned(workdir: str, expected_model_config=None
 
   ``workdir`` is the run's workdir or its ``backbone`` directory; the schedule is read from
   the backbone's metadata (``ase_schedule``), so the pair always travels together.
-  ``expected_model_config`` (a config.model or a `models.UNetSpec`) is checked, dropout aside.
+  ``expected_model_config`` (a config.model or a model's spec, e.g. `models.UNetSpec`) is
+  checked, training settings (dropout) aside.
   """
   try:
     meta = checkpoints.read_backbone_meta(workdir)
@@ -205,12 +215,17 @@ def load_ase_finetuned(workdir: str, expected_model_config=None
     raise ValueError(f'the backbone at {checkpoints.find_backbone_dir(workdir)} has no ASE schedule '
                      '(ase_schedule in backbone.json): it was not written by ase_finetune')
   want = expected_model_config
+  is_spec = dataclasses.is_dataclass(want)  # a model's spec (any family), not a config.model
   with checkpoints.quiet():
     model_config, params = checkpoints.load_backbone_params(
-        workdir, None if isinstance(want, models.UNetSpec) or want is None else want)
-  if isinstance(want, models.UNetSpec):
-    have = models.UNetSpec.from_config(model_config)
-    if dataclasses.replace(have, dropout=0.0) != dataclasses.replace(want, dropout=0.0):
+        workdir, None if is_spec or want is None else want)
+  if is_spec:
+    fam = models.backbone.family(model_config.name)
+    have = fam.spec_from_config(model_config)
+    differs = type(have) is not type(want) or any(
+        getattr(have, f.name) != getattr(want, f.name) for f in dataclasses.fields(want)
+        if f.name not in fam.training_fields)
+    if differs:
       raise checkpoints.BackboneError(
           f'the ASE fine-tuned backbone at {workdir} ({have}) does not match the model ({want})')
   sched = meta['ase_schedule']

@@ -1,5 +1,7 @@
 """What every training objective shares: the `Objective` record the training loop runs,
-trainable/frozen partitions, the per-step draw of (t, eps), and step counts.
+trainable/frozen partitions, step counts and the sampler's timesteps. How an example is noised
+(the draw of t and eps, the network's and the gates' time, the loss terms) is the diffusion
+process's (`lees_jax.processes`; `draw_t_noise` is the DDPM one's draw, kept here by name).
 
 An `Objective` says what is trained and how (`lees_jax.train` owns the loop):
 
@@ -28,6 +30,7 @@ import numpy as np
 import optax
 
 from lees_jax import data
+from lees_jax.processes import draw_t_noise  # noqa: F401  (part of this module's interface)
 
 Pytree = Any
 CHECKPOINT_DIR = 'checkpoints'  # <workdir>/checkpoints/<objective name>/<step>
@@ -76,14 +79,6 @@ def merge(trainable: Pytree, frozen: Pytree) -> dict:
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def draw_t_noise(rng: jax.Array, x0: jax.Array, num_timesteps: int):
-  """The per-example diffusion timestep t ~ U{0..T-1} and noise eps ~ N(0, I) of a step."""
-  k_t, k_n = jax.random.split(rng)
-  t = jax.random.randint(k_t, (x0.shape[0],), 0, num_timesteps)
-  noise = jax.random.normal(k_n, x0.shape, jnp.float32)
-  return t, noise
-
-
 def batch_labels(model, batch: dict):
   """The class labels a conditional backbone is trained on (``batch['label']``, int32), None
   for an unconditional one (whose batches may carry labels it never reads)."""
@@ -106,10 +101,11 @@ def num_steps(section, data_config) -> int:
   return max(1, int(math.floor(epochs * n / section.batch_size)))
 
 
-def sampler_timesteps(config) -> list[int]:
+def sampler_timesteps(config) -> list[int] | list[float]:
   """Original timesteps of the configured sampler, ascending: the solver's own grid (50-step
-  respaced DDPM in the paper, ``ddim<steps>`` spacing for DDIM), so that the hard masks, ratios
-  and FLOP fractions a gate run reports are those the sampler will run."""
+  respaced DDPM in the paper, ``ddim<steps>`` spacing for DDIM; a continuous-time sampler's
+  real-valued T t - 1, `solvers.Solver.timestep_values`), so that the hard masks, ratios and
+  FLOP fractions a gate run reports are those the sampler will run."""
   from lees_jax import samplers  # pylint: disable=g-import-not-at-top
   solver = samplers.solver_from_config(config.diffusion, config.sampler)
-  return sorted(int(t) for t in solver.timesteps)
+  return sorted(solver.timestep_values())

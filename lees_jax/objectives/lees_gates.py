@@ -8,6 +8,10 @@ frozen with the rest of the backbone, and the gates are trained on what they cha
 (no variational-bound term, unlike pretraining and ASE fine-tuning of such a backbone, which
 train `diffusion.hybrid_loss_terms`).
 
+The gates read the normalised time of each example's draw (`processes.NoisedBatch.gate_time`:
+(t + 1) / T for the DDPM process, the continuous t for the VP SDE), the time the samplers' masks
+read at each step, and the network its own time (DDPM: t; VP SDE: 999 t).
+
 Hard gates run unit k when g_k(t) > 0.5 with a straight-through gradient
 (`gates.StraightThrough`); soft gates blend (`gates.SoftGates`). The run ends by writing
 ``<workdir>/gates.json``: the parameters, the hard masks on the configured sampler's own
@@ -28,8 +32,9 @@ from lees_jax import files
 from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
-from lees_jax.objectives.base import (Objective, Pytree, batch_labels,
-                                      draw_t_noise, num_steps, sampler_timesteps)
+from lees_jax import processes
+from lees_jax.objectives.base import (Objective, Pytree, batch_labels, num_steps,
+                                      sampler_timesteps)
 
 GATES_FILE = policies.GATES_FILE
 
@@ -37,9 +42,9 @@ GATES_FILE = policies.GATES_FILE
 REGULARIZERS = ('mean', 'flops')
 
 
-def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool,
-                 regularizer: str = 'mean'):
-  """LEES loss: eps-MSE with gated units + lam * the compute term, averaged over the batch.
+def gate_loss_fn(model, process, lam: float, hard: bool, regularizer: str = 'mean'):
+  """LEES loss: eps-MSE with gated units + lam * the compute term, averaged over the batch, on
+  the draws of ``process`` (`lees_jax.processes`).
 
   The compute term (``config.gates.regularizer``):
     'mean'  -- mean_k g_k(t), the paper's E_t[g]: every unit costs the same, so LEES can lower
@@ -49,18 +54,17 @@ def gate_loss_fn(model, schedule: diffusion.Schedule, lam: float, hard: bool,
   """
   if regularizer not in REGULARIZERS:
     raise ValueError(f'config.gates.regularizer must be one of {REGULARIZERS}, got {regularizer!r}')
-  T = schedule.num_original_timesteps
   savings = cost.model_cost(model).savings()
   flop_weights = jnp.asarray(savings / savings.sum(), jnp.float32)
 
   def loss_fn(gate_params, backbone, batch, rng):
     x0 = batch['image']
-    t, noise = draw_t_noise(rng, x0, schedule.num_steps)
-    x_t = diffusion.q_sample(schedule, x0, t, noise)
-    logits = policies.gate_logits(gate_params, policies.normalized_time(t, T))  # (B, K)
+    noised = process.draw(rng, x0)
+    logits = policies.gate_logits(gate_params, noised.gate_time)  # (B, K)
     form = gating.StraightThrough(logits) if hard else gating.SoftGates(logits)
-    eps, _ = models.predict_eps(model, backbone, x_t, t, batch_labels(model, batch), gates=form)
-    mse = diffusion.eps_mse(eps, noise).mean()
+    eps, _ = models.predict_eps(model, backbone, noised.x_t, noised.network_time,
+                                batch_labels(model, batch), gates=form)
+    mse = diffusion.eps_mse(eps, noised.noise).mean()
     gate_mean = jax.nn.sigmoid(logits).mean()
     if regularizer == 'mean':
       term = gate_mean
@@ -87,15 +91,16 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
   if gc.regularizer not in REGULARIZERS:
     raise ValueError(f'config.gates.regularizer must be one of {REGULARIZERS}, got '
                      f'{gc.regularizer!r}')
+  model = models.build_model(config.model)
+  process = processes.for_model(config.diffusion, model)
   if backbone is None:
-    backbone, backbone_dir = checkpoints.read_backbone(config.backbone, config.model)
+    backbone, backbone_dir = checkpoints.read_backbone(config.backbone, config.model,
+                                                       config.diffusion)
   else:
     backbone_dir = '<given parameters>'
-  model = models.build_model(config.model)
   unit_names = [u.name for u in model.units]
   K = len(unit_names)
-  schedule = diffusion.schedule_from_config(config.diffusion)
-  T = schedule.num_steps
+  T = process.gate_timesteps
   timesteps = sampler_timesteps(config)
   model_cost = cost.model_cost(model)
   optimizer = optax.adam(gc.learning_rate, b1=gc.b1, b2=gc.b2)
@@ -139,8 +144,8 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
         'step': int(state['step']), 'seed': int(config.seed),
         'executed_block_ratio': ratio, 'flop_fraction': flops,
         'sampler': {'name': config.sampler.name, 'steps': len(timesteps),
-                    'timesteps': [int(t) for t in timesteps]},
-        'num_timesteps': T, 'backbone': backbone_dir,
+                    'timesteps': list(timesteps)},
+        'num_timesteps': T, 'diffusion': process.describe(), 'backbone': backbone_dir,
         'hard_masks': np.asarray(masks, int).tolist(),
         'policy': policies.LeesPolicy.from_params(params, form=gc.form).to_dict(),
         'config': config.to_dict(),
@@ -153,10 +158,10 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
   return Objective(
       name='train_gates', section=gc, num_train_steps=num_steps(gc, config.data),
       init_trainable=lambda rng: policies.init_gate_params(K, gc.init), frozen=backbone,
-      loss_fn=gate_loss_fn(model, schedule, float(gc.lam), gc.form == 'hard', gc.regularizer),
+      loss_fn=gate_loss_fn(model, process, float(gc.lam), gc.form == 'hard', gc.regularizer),
       optimizer=optimizer, ema_decay=None, random_flip=False,  # paper: no augmentation
       host_scalars=host_scalars, images=images, image_every=int(gc.get('heatmap_every', 0)),
       finish=finish,
       describe=f'LEES gate training: {K} units, lam={gc.lam} ({gc.regularizer} compute term), '
-               f'{gc.form} gates, {gc.init} start, backbone {backbone_dir}')
+               f'{gc.form} gates, {gc.init} start, {process.describe()}, backbone {backbone_dir}')
 
