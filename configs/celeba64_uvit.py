@@ -30,32 +30,18 @@ few-step samplers: it exists to run every mode offline in seconds, not to mean a
 Every field not set here is the CIFAR-10 config's (configs/cifar10.py), which documents it.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from lees_jax import config_files
 
 PRESETS = ('paper', 'tiny')
 # Table 5's U-ViT rows (`lees_jax.ase.UVIT_KEPT`): decoder blocks kept per tenth of time.
 UVIT_ROWS = ('D1-U-ViT', 'D2-U-ViT', 'D3-U-ViT', 'D6-U-ViT')
 
 
-def _cifar10_config(preset: str) -> ml_collections.ConfigDict:
-  # Loaded by path: config files are loaded by path too (ml_collections' config_flags), and
-  # configs/ is not an installed package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10.py')
-  spec = importlib.util.spec_from_file_location('_lees_cifar10_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
-
-
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
-  preset = preset or 'paper'
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r} for configs/celeba64_uvit.py; choose one of '
-                     f'{PRESETS}')
-  c = _cifar10_config('paper')
+  preset = config_files.check_preset(preset, PRESETS, __file__)
+  c = config_files.sibling_config(__file__, 'cifar10.py', 'paper')
 
   # U-ViT-S/4 (baofff/U-ViT configs/celeba64_uvit_small.py's nnet; 44,292,228 parameters): 6
   # in-blocks, a mid-block, 6 out-blocks with skip-Linears; unconditional, final 3x3 conv.

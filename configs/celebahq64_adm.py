@@ -40,30 +40,16 @@ Sampling: the CIFAR-10 study's 50-step respaced DDPM, with the network's learned
 Every field not set here is the CIFAR-10 config's (configs/cifar10.py), which documents it.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from lees_jax import config_files
 
 PRESETS = ('paper', 'tiny')
 
 
-def _cifar10_config(preset: str) -> ml_collections.ConfigDict:
-  # Loaded by path: config files are loaded by path too (ml_collections' config_flags), and
-  # configs/ is not an installed package.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10.py')
-  spec = importlib.util.spec_from_file_location('_lees_cifar10_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
-
-
 def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
-  preset = preset or 'paper'
-  if preset not in PRESETS:
-    raise ValueError(f'unknown preset {preset!r} for configs/celebahq64_adm.py; choose one of '
-                     f'{PRESETS}')
-  c = _cifar10_config('paper')
+  preset = config_files.check_preset(preset, PRESETS, __file__)
+  c = config_files.sibling_config(__file__, 'cifar10.py', 'paper')
 
   # guided-diffusion's 64x64 ADM, unconditional (see the module docstring). attention_resolutions
   # are downsample rates: 64 // 32, 64 // 16, 64 // 8.
