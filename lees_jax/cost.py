@@ -100,13 +100,16 @@ def describe(config, workdir: str) -> dict:
         f'{mc.always_flops / total:>7.2%}')
   print(f'gateable units: {len(mc.units)}   parameters: {params:,}   '
         f'GFLOPs per image: {total / 1e9:.3f}')
-  # What the backbone trains and samples on (`lees_jax.processes`): stated with its units.
-  from lees_jax import processes  # pylint: disable=g-import-not-at-top
-  process = processes.for_model(config.diffusion, model)
-  sampler = process.solver(config.sampler).describe()
-  print(f'diffusion: {process.describe()}\nsampler: {sampler}')
   out = {'params': params, 'total_gflops': total / 1e9, 'always_gflops': mc.always_flops / 1e9,
-         'units': rows, 'diffusion': process.describe(), 'sampler': sampler}
+         'units': rows}
+  # What the backbone trains and samples on (`lees_jax.processes`), when the config says (a
+  # config of the network alone, e.g. a converted backbone's model section, does not).
+  if 'diffusion' in config and 'sampler' in config:
+    from lees_jax import processes  # pylint: disable=g-import-not-at-top
+    process = processes.for_model(config.diffusion, model)
+    sampler = process.solver(config.sampler).describe()
+    print(f'diffusion: {process.describe()}\nsampler: {sampler}')
+    out.update(diffusion=process.describe(), sampler=sampler)
   path = files.join(workdir, 'blocks.json')
   files.write_json(path, out)
   print(f'wrote {path}')
