@@ -40,41 +40,18 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from lees_jax import ase, cost, diffusion, models, policies, samplers  # noqa: E402
 from lees_jax.models import adm  # noqa: E402
 
 PATHS = ('segments', 'cond')
-
-
-# Not benchmarks/dit_paths.py's helpers: that module imports benchmarks/train_step.py, whose
-# lees_jax.train / objectives / checkpoints imports need ml_collections.
-def compile_program(prog, params, rng):
-  t0 = time.perf_counter()
-  compiled = prog.lower(params, rng).compile()
-  return compiled, time.perf_counter() - t0
-
-
-def time_interleaved(runs: dict, repeats: int) -> dict:
-  """Median seconds of each run, the runs timed in turn (A B C A B C ...) after one warm-up
-  each, so that load drifts hit all alike."""
-  for run in runs.values():
-    run()
-  times = {name: [] for name in runs}
-  for _ in range(repeats):
-    for name, run in runs.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def schedule_for_flops(model, timesteps, num_timesteps: int,
@@ -235,12 +212,12 @@ def main(argv=None):
   for dtype in args.dtypes:
     model = adm.ADM(spec, dtype=models.compute_dtype(dtype))
     cond = samplers.compile_sampler(model, solver, full, args.batch, path='cond')
-    cond_fn, cond_compile_s = compile_program(cond, params, rng)
+    cond_fn, cond_compile_s = timing.compile_program(cond, params, rng)
     for name, target, policy in plan:
       name = name or policy.name
       for path in PATHS:
         prog = samplers.compile_sampler(model, solver, policy, args.batch, path=path)
-        fn, compile_s = (compile_program(prog, params, rng) if path == 'segments'
+        fn, compile_s = (timing.compile_program(prog, params, rng) if path == 'segments'
                          else (cond_fn, cond_compile_s))
         runs[dtype, name, path] = (lambda fn=fn, operand=prog.operand:
                                    fn(params, rng, operand).block_until_ready())
@@ -256,7 +233,7 @@ def main(argv=None):
           dtype=dtype, policy='full', policy_path='diffusers', target_flop_fraction=1.0,
           block_ratio=1.0, flop_fraction=1.0, segments=1, compile_s=0.0,
           compiled_per_policy=False)
-  latency = time_interleaved(runs, args.repeats)
+  latency = timing.interleaved_medians(runs, args.repeats)
   records = []
   for key, rec in info.items():
     dtype = key[0]

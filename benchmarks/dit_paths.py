@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import train_step  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from lees_jax import ase, diffusion, models, policies, samplers  # noqa: E402
 
 PATHS = ('segments', 'cond', 'stacked')
@@ -64,12 +64,6 @@ def schedule_for_ratio(num_units: int, timesteps, num_timesteps: int,
   return make(0.5 * (lo + hi))
 
 
-def compile_program(prog, params, rng):
-  t0 = time.perf_counter()
-  compiled = prog.lower(params, rng).compile()
-  return compiled, time.perf_counter() - t0
-
-
 def prepare(prog, params, repeats: int = 3):
   """(the program's params, median ms of `prepare_params`: the stacked layout's one-time copy
   of every block, made once per evaluation; 0 for the other paths)."""
@@ -80,12 +74,6 @@ def prepare(prog, params, repeats: int = 3):
     jax.block_until_ready(prog.prepare_params(params))
     times.append(time.perf_counter() - t0)
   return prepared, statistics.median(times) * 1e3 if times else 0.0
-
-
-def time_interleaved(runs: dict, repeats: int) -> dict:
-  """Median seconds of each run, the runs timed in turn after one warm-up each."""
-  return {name: statistics.median(ts) for name, ts in
-          train_step.time_interleaved(runs, repeats).items()}
 
 
 def main(argv=None):
@@ -128,13 +116,13 @@ def main(argv=None):
     if path != 'segments':
       prog = samplers.compile_sampler(model, solver, full, args.batch, path=path)
       prepared, prepare_ms = prepare(prog, params)
-      compiled[path] = compile_program(prog, prepared, rng) + (prepared, prepare_ms)
+      compiled[path] = timing.compile_program(prog, prepared, rng) + (prepared, prepare_ms)
   for name, target, policy in plan:
     name = name or policy.name
     for path in PATHS:
       prog = samplers.compile_sampler(model, solver, policy, args.batch, path=path)
       if path == 'segments':
-        fn, compile_s, run_params, prepare_ms = compile_program(prog, params, rng) + (params, 0.0)
+        fn, compile_s, run_params, prepare_ms = timing.compile_program(prog, params, rng) + (params, 0.0)
       else:
         fn, compile_s, run_params, prepare_ms = compiled[path]
       runs[name, path] = (lambda fn=fn, p=run_params, operand=prog.operand:
@@ -144,7 +132,7 @@ def main(argv=None):
                               segments=len(prog.segments), compile_s=compile_s,
                               compiled_per_policy=path == 'segments', prepare_ms=prepare_ms)
       print(f'compiled {name} {path}: {compile_s:.1f} s', flush=True)
-  latency = time_interleaved(runs, args.repeats)
+  latency = timing.interleaved_medians(runs, args.repeats)
   full_ms = latency['full', 'segments'] * 1e3
   records = []
   for key, rec in info.items():

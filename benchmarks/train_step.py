@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from lees_jax import data, models, objectives, train  # noqa: E402
 
 
@@ -48,15 +49,7 @@ def prepare_objective(objective, mesh, batch) -> tuple[callable, dict]:
 
 def time_interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
   """Times the programs in turn (A B C A B C ...) so that load drifts hit all alike."""
-  for run in runs.values():
-    run()  # warm-up
-  times = {name: [] for name in runs}
-  for _ in range(repeats):
-    for name, run in runs.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
-  return times
+  return timing.interleaved_times(runs, repeats)
 
 
 def main(argv=None):

@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from lees_jax import ase, models, policies, samplers, sde  # noqa: E402
 from lees_jax.models import uvit  # noqa: E402
 
@@ -90,12 +91,6 @@ def uvit_spec(args) -> uvit.UViTSpec:
     if getattr(args, name):
       fields[name] = getattr(args, name)
   return uvit.UViTSpec(**fields)
-
-
-def compile_program(prog, params, rng):
-  t0 = time.perf_counter()
-  compiled = prog.lower(params, rng).compile()
-  return compiled, time.perf_counter() - t0
 
 
 def prepare(prog, params, repeats: int = 3):
@@ -145,13 +140,13 @@ def measure_group(spec, dtype: str, solver_name: str, steps: int, batch: int, re
   for path in PATHS[1:]:
     prog = samplers.compile_sampler(model, solver, policies.FullPolicy(), batch, path=path)
     prepared, prepare_ms = prepare(prog, params)
-    shared[path] = compile_program(prog, prepared, rng) + (prepared, prepare_ms)
+    shared[path] = timing.compile_program(prog, prepared, rng) + (prepared, prepare_ms)
   runs, info = {}, {}
   for name, policy in plan:
     for path in PATHS:
       prog = samplers.compile_sampler(model, solver, policy, batch, path=path)
       if path == 'segments':
-        fn, compile_s = compile_program(prog, params, rng)
+        fn, compile_s = timing.compile_program(prog, params, rng)
         run_params, prepare_ms = params, 0.0
       else:
         fn, compile_s, run_params, prepare_ms = shared[path]
