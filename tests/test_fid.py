@@ -246,23 +246,58 @@ def test_sqrtm_and_svd_agree(n):
 
 def test_svd_eigendecompositions_are_cached_on_the_statistics(monkeypatch):
   """fid_from_statistics(method="svd") decomposes each covariance once per Statistics object
-  (ΔFID over many references) and gives bitwise what frechet_distance gives without a cache."""
+  (ΔFID over many references): from the low-rank factor when there are no more images than
+  dimensions, else by eigh of sigma, then bitwise what frechet_distance gives without a cache."""
   rng = np.random.default_rng(0)
   stats = [fid.statistics_from_features(rng.normal(size=(n, 16)) + rng.normal(size=16))
            for n in (5, 40, 40)]  # a rank-deficient and two full-rank 16-d covariances
+  assert stats[0].factor is not None and stats[1].factor is None
   want = {(i, j): fid.frechet_distance(stats[i].mu, stats[i].sigma, stats[j].mu, stats[j].sigma,
                                        method="svd") for i, j in ((0, 2), (1, 2), (0, 1))}
   calls = []
-  real = fid._psd_eig
-  monkeypatch.setattr(fid, "_psd_eig", lambda a, name: calls.append(name) or real(a, name))
+  for name in ("_psd_eig", "_factor_eig"):
+    real = getattr(fid, name)
+    monkeypatch.setattr(fid, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
   for _ in range(2):
     for (i, j), value in want.items():
-      assert fid.fid_from_statistics(stats[i], stats[j], method="svd") == value  # bitwise
-  assert len(calls) == 3  # one per statistics, not one per distance
+      got = fid.fid_from_statistics(stats[i], stats[j], method="svd")
+      if i == 0:  # through the factor: equal to rounding
+        assert got == pytest.approx(value, rel=1e-12, abs=1e-12)
+      else:
+        assert got == value  # bitwise
+  assert sorted(calls) == ["_factor_eig", "_psd_eig", "_psd_eig"]  # one per statistics
   # sqrtm neither uses nor needs the cache.
   fresh = fid.Statistics(stats[0].mu, stats[0].sigma, stats[0].count)
   fid.fid_from_statistics(fresh, stats[1], method="sqrtm")
   assert "sqrt_eigh" not in vars(fresh)
+
+
+def test_low_rank_factor_is_exact_and_saved(tmp_path):
+  """With fewer images than feature dimensions (every small sample) the statistics keep
+  factor = centred features / sqrt(n - 1): factor^T factor is sigma, its SVD gives the same
+  eigenpairs as eigh of sigma, and FID through it equals the full computation at 2048-d."""
+  rng = np.random.default_rng(3)
+  f1 = rng.normal(size=(24, 2048)) * rng.uniform(0.5, 2, 2048)
+  f2 = rng.gamma(2.0, size=(30, 2048))
+  s1, s2 = fid.statistics_from_features(f1), fid.statistics_from_features(f2)
+  np.testing.assert_allclose(s1.factor.T @ s1.factor, s1.sigma, rtol=0, atol=1e-12)
+  r_f, v_f = s1.sqrt_eigh
+  r_e, v_e = fid._psd_eig(s1.sigma, "sigma")
+  assert r_f.shape == r_e.shape == (23,)  # rank n - 1
+  np.testing.assert_allclose(np.sort(r_f), np.sort(r_e), rtol=1e-9)
+  full = fid.frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma, method="svd")
+  assert fid.fid_from_statistics(s1, s2, method="svd") == pytest.approx(full, rel=1e-11)
+  assert fid.statistics_from_features(rng.normal(size=(20, 8))).factor is None  # n > D
+  # Streaming: the factor survives several batches, and is dropped once n exceeds D.
+  m = fid._Moments()
+  for block in np.split(f1, 3):
+    m.update(block)
+  np.testing.assert_allclose(m.result().factor, s1.factor, rtol=1e-12, atol=1e-12)
+  path = tmp_path / "s.npz"
+  fid.save_statistics(path, s1)
+  loaded, _ = fid.load_statistics(path)
+  np.testing.assert_array_equal(loaded.factor, s1.factor)
+  assert fid.fid_from_statistics(loaded, s2, method="svd") == fid.fid_from_statistics(s1, s2, method="svd")
 
 
 def test_frechet_distance_singular_and_bad_inputs():

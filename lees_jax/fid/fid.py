@@ -173,14 +173,24 @@ class Statistics:
   computed on first use and kept with the statistics (`sqrt_eigh`), so comparing one sample
   against many references, or many samples against one reference, decomposes each covariance
   once (the experiment's ΔFID over corruptions relies on it). Treat statistics as immutable.
+
+  ``factor`` (optional, (count, D)): the centred features over sqrt(count - 1), so that
+  sigma = factor^T factor, kept when there are no more images than feature dimensions. Its thin
+  SVD gives sigma's eigendecomposition exactly in O(count^2 D) instead of eigh's O(D^3)
+  (64 images of 2048-d features: ~1 ms instead of seconds), and more accurately, since the
+  singular values are not squared by forming sigma first.
   """
   mu: np.ndarray
   sigma: np.ndarray
   count: int
+  factor: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
   @functools.cached_property
   def sqrt_eigh(self) -> tuple[np.ndarray, np.ndarray]:
-    """(sqrt of the kept eigenvalues, eigenvectors) of sigma: `_psd_eig`, cached."""
+    """(sqrt of the kept eigenvalues, eigenvectors) of sigma, cached: from ``factor`` when
+    present (`_factor_eig`), else `_psd_eig` of sigma."""
+    if self.factor is not None:
+      return _factor_eig(np.asarray(self.factor, np.float64), self.sigma.shape[0])
     return _psd_eig(np.atleast_2d(np.asarray(self.sigma, np.float64)), "sigma")
 
 
@@ -191,6 +201,7 @@ class _Moments:
   def __init__(self):
     self.n = 0
     self.shift = self.s = self.ss = None
+    self.rows = []  # the features themselves while there are at most D of them (`factor`)
 
   def update(self, f: np.ndarray):
     f = np.asarray(f, np.float64)
@@ -202,6 +213,8 @@ class _Moments:
     self.s += c.sum(axis=0)
     self.ss += c.T @ c
     self.n += f.shape[0]
+    if self.rows is not None:
+      self.rows = self.rows + [f] if self.n <= f.shape[1] else None
 
   def result(self) -> Statistics:
     if self.n < 2:
@@ -209,7 +222,11 @@ class _Moments:
     m = self.s / self.n
     sigma = (self.ss - self.n * np.outer(m, m)) / (self.n - 1)  # unbiased, as np.cov
     sigma = (sigma + sigma.T) / 2  # exact symmetry; rounding may break it slightly
-    return Statistics(mu=self.shift + m, sigma=sigma, count=self.n)
+    mu = self.shift + m
+    factor = None
+    if self.rows is not None:
+      factor = (np.concatenate(self.rows) - mu) / np.sqrt(self.n - 1)
+    return Statistics(mu=mu, sigma=sigma, count=self.n, factor=factor)
 
 
 def statistics_from_features(features: np.ndarray) -> Statistics:
@@ -259,8 +276,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
   where sqrtm's result carries ~1e-4 of noise (identical statistics of 4 images give
   |FID| ~ 3e-4 with sqrtm, ~1e-12 with svd).
   For full-rank statistics both agree to ~1e-12 relative; published numbers used sqrtm.
-  ``sqrt_eighs`` (svd only): the two covariances' `_psd_eig` results, when already known
-  (`Statistics.sqrt_eigh`); the result is bitwise the one computed without them.
+  ``sqrt_eighs`` (svd only): the two covariances' (sqrt eigenvalues, eigenvectors), when
+  already known (`Statistics.sqrt_eigh`); with `_psd_eig`'s the result is bitwise the one
+  computed without them, with `_factor_eig`'s it agrees to rounding (~1e-12 relative).
   """
   mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
   mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
@@ -317,6 +335,18 @@ def _psd_eig(a: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"FID: {name} is not positive semi-definite (eigenvalue {w.min():.3g})")
   keep = w > top * a.shape[0] * np.finfo(np.float64).eps
   return np.sqrt(w[keep]), v[:, keep]
+
+
+def _factor_eig(factor: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+  """`_psd_eig` of sigma = factor^T factor from the thin SVD factor = U diag(s) V^T: sigma's
+  eigenvalues are s^2 with eigenvectors V; the same truncation rule on s^2."""
+  if factor.ndim != 2 or factor.shape[1] != dim:
+    raise ValueError(f"FID: statistics factor must be (count, {dim}), got {factor.shape}")
+  _, s, vt = np.linalg.svd(factor, full_matrices=False)
+  w = s * s
+  top = float(w.max()) if w.size else 0.0
+  keep = w > top * dim * np.finfo(np.float64).eps
+  return s[keep], vt[keep].T
 
 
 def _trace_sqrt_product_svd(sigma1, sigma2, sqrt_eighs=None) -> float:

@@ -28,9 +28,12 @@ from lees_jax.fid.fid import (
 
 
 def save_statistics(path: str | os.PathLike, stats: Statistics, **fingerprints: str) -> None:
-  """Writes mu, sigma, count (+ string fingerprints such as data_sha1) to an .npz, atomically
+  """Writes mu, sigma, count, the low-rank factor when the statistics have one (few images:
+  `Statistics.factor`) (+ string fingerprints such as data_sha1) to an .npz, atomically
   (local or gs://, `lees_jax.files`)."""
   extra = {k: np.asarray(str(v)) for k, v in fingerprints.items() if v is not None}
+  if stats.factor is not None:
+    extra["factor"] = np.asarray(stats.factor, np.float64)
   files.save_npz(os.fspath(path), mu=stats.mu, sigma=stats.sigma,
                  count=np.asarray(stats.count, np.int64), **extra)
 
@@ -50,11 +53,15 @@ def load_statistics(path: str | os.PathLike) -> tuple[Statistics, dict[str, str]
   mu = np.asarray(z["mu"], np.float64)
   sigma = np.asarray(z["sigma"], np.float64)
   count = int(z["count"]) if "count" in z else 0
+  factor = np.asarray(z["factor"], np.float64) if "factor" in z else None
   meta = {k: str(z[k]) for k in z
           if k not in ("mu", "sigma", "count") and z[k].dtype.kind == "U" and z[k].ndim == 0}
   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
     raise ValueError(f"{path}: bad statistics shapes mu {mu.shape}, sigma {sigma.shape}")
-  return Statistics(mu=mu, sigma=sigma, count=count), meta
+  if factor is not None and (factor.ndim != 2 or factor.shape[1] != mu.shape[0]):
+    raise ValueError(f"{path}: bad statistics factor shape {factor.shape} (want (count, "
+                     f"{mu.shape[0]})); delete the file to recompute it")
+  return Statistics(mu=mu, sigma=sigma, count=count, factor=factor), meta
 
 
 def load_or_compute_reference_stats(images: np.ndarray, cache_path: str | os.PathLike, *,
