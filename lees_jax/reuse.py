@@ -31,6 +31,7 @@ it is an upper bound.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -220,6 +221,31 @@ def policy_from_dict(d: dict) -> policies.Policy:
 # ---------------------------------------------------------------------------
 
 
+def repeated_groups(segments, max_group: int = 4) -> list[tuple[list, int]]:
+  """The segments as (group, repeats): ``group`` a run of up to ``max_group`` consecutive
+  segments that the next ``repeats - 1`` runs repeat step for step (same lengths and actions),
+  e.g. DeepCache's [full step, N - 1 partial steps] S // N times. One loop over the repeats
+  then holds one body per segment of the group, so the program and its compile time do not
+  grow with the number of full steps."""
+  out, j = [], 0
+  same = lambda a, b: (a.length, a.actions) == (b.length, b.actions)  # noqa: E731
+  while j < len(segments):
+    best = ([segments[j]], 1)
+    for size in range(2, max_group + 1):
+      group = segments[j:j + size]
+      if len(group) < size:
+        break
+      reps = 1
+      while all(j + reps * size + q < len(segments) and same(segments[j + reps * size + q], g)
+                for q, g in enumerate(group)):
+        reps += 1
+      if reps > 1 and reps * size > len(best[0]) * best[1]:
+        best = (group, reps)
+    out.append(best)
+    j += len(best[0]) * best[1]
+  return out
+
+
 def sample_segments(segments, cached: tuple[int, ...], step, probe, state):
   """Runs the segments of a reusing policy with the cached outputs of units ``cached`` in the
   loop state: ``(solver state, {unit: its output at the last step it ran})``.
@@ -227,20 +253,33 @@ def sample_segments(segments, cached: tuple[int, ...], step, probe, state):
   ``step(i, state, form) -> state`` is one sampler step with its model call under ``form``;
   ``probe(form)`` one model call at the program's shapes, traced only for the shapes of the
   cached outputs (`jax.eval_shape`: nothing of it is computed). The cache starts as zeros,
-  which no step reads: `check_actions` has made sure each reused unit ran before.
+  which no step reads: `check_actions` has made sure each reused unit ran before. Repeating
+  groups of segments (`repeated_groups`) run as one loop over their repeats.
   """
   def shapes():
     form = gating.ReuseUnits((RUN,) * len(segments[0].actions), record=frozenset(cached))
     probe(form)
     return {k: form.recorded[k] for k in cached}
 
-  cache = {k: jnp.zeros(s.shape, s.dtype) for k, s in jax.eval_shape(shapes).items()}
-  for seg in segments:
-    def body(i, carry, actions=seg.actions):
-      state, cache = carry
-      form = gating.ReuseUnits(actions, cached=cache, record=frozenset(cached))
-      state = step(i, state, form)
-      return state, {k: form.recorded.get(k, cache[k]) for k in cached}
-    state, cache = jax.lax.fori_loop(seg.start, seg.stop, body, (state, cache))
-  return state
+  def body(i, carry, actions):
+    state, cache = carry
+    form = gating.ReuseUnits(actions, cached=cache, record=frozenset(cached))
+    state = step(i, state, form)
+    return state, {k: form.recorded.get(k, cache[k]) for k in cached}
 
+  def run_group(group, offset, carry):
+    """The group's segments, shifted by ``offset`` steps (traced inside a loop of repeats)."""
+    for seg in group:
+      carry = jax.lax.fori_loop(seg.start + offset, seg.stop + offset,
+                                functools.partial(body, actions=seg.actions), carry)
+    return carry
+
+  carry = (state, {k: jnp.zeros(s.shape, s.dtype) for k, s in jax.eval_shape(shapes).items()})
+  for group, repeats in repeated_groups(segments):
+    if repeats == 1:
+      carry = run_group(group, 0, carry)
+    else:
+      period = group[-1].stop - group[0].start
+      carry = jax.lax.fori_loop(0, repeats, lambda r, c, g=group, p=period: run_group(g, r * p, c),
+                                carry)
+  return carry[0]

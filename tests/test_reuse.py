@@ -295,3 +295,24 @@ def test_reused_units_are_absent_from_the_program(tiny_model):
               if s and u.kind == 'res')
   partial_loop = count(reuse.deepcache(model, 4)) - count(policies.FullPolicy())
   assert 3 + convs <= partial_loop <= 4 + convs
+
+
+def test_repeating_segments_are_one_loop(tiny_model):
+  """DeepCache N = 2 over 8 steps is [full, partial] four times: one loop of two step bodies,
+  the program of 4 steps (whose two repeats make the same loop); 7 steps add a last full step."""
+  model, params = tiny_model
+  rng = jax.random.PRNGKey(0)
+  policy = reuse.deepcache(model, 2)
+
+  def convolutions(steps):
+    solver = samplers.make_solver(SCHED, 'ddim', steps)
+    program = samplers.compile_sampler(model, solver, policy, 2)
+    assert len(program.segments) == steps
+    return program.lower(params, rng).as_text().count('stablehlo.convolution')
+
+  full = samplers.compile_sampler(model, samplers.make_solver(SCHED, 'ddim', 2),
+                                  policies.FullPolicy(), 2).lower(params, rng).as_text()
+  four = convolutions(4)
+  assert convolutions(8) == four and convolutions(7) == four + full.count('stablehlo.convolution')
+  segs = policies.segments_from_actions(policy.step_actions(range(7), 1000, model.num_units))
+  assert [(len(g), r) for g, r in reuse.repeated_groups(segs)] == [(2, 3), (1, 1)]
