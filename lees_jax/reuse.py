@@ -270,8 +270,11 @@ def sample_segments(segments, cached: tuple[int, ...], step, probe, state):
   def run_group(group, offset, carry):
     """The group's segments, shifted by ``offset`` steps (traced inside a loop of repeats)."""
     for seg in group:
-      carry = jax.lax.fori_loop(seg.start + offset, seg.stop + offset,
-                                functools.partial(body, actions=seg.actions), carry)
+      run = functools.partial(body, actions=seg.actions)
+      # A one-step segment (DeepCache's full step) is the step itself, not a loop around it.
+      carry = (run(seg.start + offset, carry) if seg.length == 1 else
+               jax.lax.fori_loop(0, seg.length, lambda j, c, s=seg.start + offset, f=run:
+                                 f(s + j, c), carry))
     return carry
 
   carry = (state, {k: jnp.zeros(s.shape, s.dtype) for k, s in jax.eval_shape(shapes).items()})
