@@ -118,10 +118,12 @@ def uniform_full_steps(num_steps: int, interval: int) -> list[int]:
 
 def nonuniform_full_steps(num_steps: int, interval: int, center: float = NONUNIFORM_CENTER,
                           power: float = NONUNIFORM_POWER) -> list[int]:
-  """DeepCache's non-uniform 1:N steps (paper §3.3, Eq. 7): ceil(S / N) full steps placed at
+  """DeepCache's non-uniform 1:N strategy (its paper's formula for the full steps, as the
+  authors' ``sample_from_quad_center`` computes it): ceil(S / N) full steps placed at
   c + sign(l) |l|^p for l evenly spaced in [-c^(1/p), (S - c)^(1/p)] -- dense around the
-  center step c = center * S, where the paper finds adjacent steps' deep features least alike --
-  with step 0 always full and the ends dropped. As in the authors' code, p is lowered by 0.02
+  center step c = center * S, where by the paper adjacent steps' deep features change most --
+  with step 0 always full and the ends dropped (|l|^p with l's sign: the real reading of l^p
+  for l < 0). As in the authors' code, p is lowered by 0.02
   until the truncated positions are distinct; uniform steps if no p > 1 gives enough."""
   count = -(-num_steps // interval)
   c = int(round(center * num_steps))

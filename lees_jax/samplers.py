@@ -312,10 +312,10 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
           lambda i, s: step(params, rng, y, i, s, backbone.StackMask(stacked, mask_matrix[i])),
           state)
     elif policy.reuses:
-      t_first = jnp.full((batch_size,), model_times[first], model_times.dtype)
+      x_first, t_first = state[0], jnp.full((batch_size,), model_times[first], model_times.dtype)
       state = reuse_lib.sample_segments(
           segments, cached, lambda i, s, form: step(params, rng, y, i, s, form),
-          lambda form: model_eps(params, state[0], t_first, y, form), state)
+          lambda form: model_eps(params, x_first, t_first, y, form), state)
     elif path == 'segments':
       for seg in segments:
         mask = gating.StaticMask(seg.keep)
