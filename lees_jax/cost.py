@@ -4,6 +4,8 @@ Each backbone declares its units' per-image FLOPs when run and when skipped (a s
 ResBlock that changes channels still runs its 1x1 projection) and the FLOPs no gate can skip
 (`lees_jax.models.backbone`). The executed fraction of a policy is
 sum over steps of (always-run + sum_k [run_k or skip_k]) / (steps * full cost).
+A unit that *reuses* its cached output (`lees_jax.reuse`) costs 0 FLOPs at that step: nothing of
+it is computed (`flop_fraction_of_actions`).
 `xla_flops` gives XLA's own count for a cross-check (tests compare both).
 """
 
@@ -47,10 +49,23 @@ class ModelCost:
 
   def flop_fraction(self, masks: np.ndarray) -> float:
     """Executed FLOPs of a (steps, K) mask matrix relative to the full model."""
-    masks = np.asarray(masks, bool)
-    if masks.ndim != 2 or masks.shape[1] != len(self.units):
-      raise ValueError(f'masks must be (steps, {len(self.units)}), got {masks.shape}')
-    return float(np.mean([self.flops_for_mask(m) for m in masks]) / self.total_flops)
+    return self.flop_fraction_of_actions(np.asarray(masks, bool).astype(np.int8))
+
+  def flops_for_actions(self, actions) -> float:
+    """FLOPs of one forward pass under actions (K,) (`lees_jax.gates.ACTIONS` codes): a run
+    unit costs its run FLOPs, a skipped one its skip FLOPs, a reused one nothing."""
+    actions = np.asarray(actions)
+    per_action = np.zeros((len(gating.ACTIONS), len(self.units)))  # reuse: 0
+    per_action[gating.SKIP] = [u.skip_flops for u in self.units]
+    per_action[gating.RUN] = [u.run_flops for u in self.units]
+    return float(self.always_flops + per_action[actions, np.arange(len(self.units))].sum())
+
+  def flop_fraction_of_actions(self, actions: np.ndarray) -> float:
+    """Executed FLOPs of a (steps, K) action matrix relative to the full model."""
+    actions = np.asarray(actions)
+    if actions.ndim != 2 or actions.shape[1] != len(self.units):
+      raise ValueError(f'masks must be (steps, {len(self.units)}), got {actions.shape}')
+    return float(np.mean([self.flops_for_actions(a) for a in actions]) / self.total_flops)
 
 
 def model_cost(model) -> ModelCost:

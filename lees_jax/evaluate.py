@@ -23,6 +23,11 @@ policies, used by evaluate, the experiment's cells and the tests):
   random:<fraction>[:<seed>] random fixed gates executing about that block fraction (A3)
   ase_ft:<ase_finetune workdir> an ASE schedule with the backbone fine-tuned under it (the
                             paper's ASE; its fine-tuned EMA params replace the backbone)
+  deepcache:<N>[:uniform|:nonuniform][@<branch>]
+                            DeepCache (training-free): a full step every N steps (uniform,
+                            the default, or DeepCache's non-uniform 1:N), in between only the
+                            shallow branch of long skip <branch> (default 1) on the cached deep
+                            feature (`lees_jax.reuse`; U-Nets: DDPM UNet, ADM)
 
 Writes ``W/eval/results.json`` (a list of records; finished records are kept and skipped
 on restart), CLU summaries in ``W/eval``, a sample grid PNG per policy and a heat-map
@@ -41,7 +46,7 @@ import time
 import jax
 import numpy as np
 
-from lees_jax import ase, checkpoints, data, files, models, policies, samplers
+from lees_jax import ase, checkpoints, data, files, models, policies, reuse, samplers
 
 RESULT_KEYS = ('policy', 'seed', 'sampler', 'steps', 'num_samples', 'fid', 'latency_ms_per_100',
                'images_per_s', 'block_ratio', 'flop_fraction')
@@ -104,8 +109,12 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75,
     p = policies.random_gate_params(int(seed or 0), len(units), frac_f)
     return ResolvedPolicy(f'random_{frac_f:g}', policies.LeesPolicy(p['alpha'], p['beta'],
                                                                   name=f'random_{frac_f:g}'))
+  if kind == 'deepcache':
+    pol = reuse.parse_spec(arg, model)
+    return ResolvedPolicy(pol.name, pol)
   raise ValueError(f'unknown policy spec {spec!r}; expected full, ase:<name>, ase_grid:<file>[@budget], '
-                   'lees:<dir>, lees_soft:<dir>, random:<fraction>[:<seed>] or ase_ft:<dir>')
+                   'lees:<dir>, lees_soft:<dir>, random:<fraction>[:<seed>], ase_ft:<dir> or '
+                   'deepcache:<N>[:uniform|:nonuniform][@<branch>]')
 
 
 def load_results(path: str) -> list[dict]:

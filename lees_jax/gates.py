@@ -3,7 +3,7 @@
 Every backbone runs unit k through ``form.run(k, unit, call, skip, *args)``, where
 ``call(unit, *args)`` is the unit and ``skip(unit, *args)`` what replaces it when it does not
 run (the identity, or a ResBlock's 1x1 shortcut projection). A backbone never inspects the
-form, so a new form (e.g. "reuse the cached output") needs no backbone change:
+form, so a new form needs no backbone change:
 
 * `AllUnits` (``gates=None``) -- every unit runs;
 * `StaticMask` -- Python bools in the traced program: a skipped unit is never traced;
@@ -14,7 +14,9 @@ form, so a new form (e.g. "reuse the cached output") needs no backbone change:
 * `SoftGates` -- the unit blended with its skip by g = sigmoid(logit) (LEES soft training and
   soft sampling);
 * `ExampleMask` -- a fixed 0/1 decision per example and unit (ASE fine-tuning: each example
-  runs the network as the sampler would at its timestep; a dropped unit gets no gradient).
+  runs the network as the sampler would at its timestep; a dropped unit gets no gradient);
+* `ReuseUnits` -- a static action per unit: run it, skip it, or *reuse* its output from an
+  earlier forward pass (DeepCache-style caching; `lees_jax.reuse`): a reused unit is not traced.
 
 The three blending forms compute both the unit and its skip: training needs
 d(out)/d(gate) = unit - skip. Real skipping is for sampling (`StaticMask`, `CondMask`).
@@ -143,6 +145,59 @@ class ExampleMask(_Blend):
 
   def weights(self):
     return self.keep.astype(jnp.float32)
+
+
+# The actions of `ReuseUnits`, as codes in per-step action matrices (`lees_jax.reuse`):
+# SKIP and RUN are a mask's False and True.
+SKIP, RUN, REUSE = 0, 1, 2
+ACTIONS = ('skip', 'run', 'reuse')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReuseUnits:
+  """Static actions (K,) over `ACTIONS` codes: unit k runs (RUN), returns its skip (SKIP), or
+  returns ``cached[k]`` (REUSE), the whole output it had when it last ran -- DeepCache's
+  semantics; the unit is then not traced at all, and neither is what only fed it.
+
+  The outputs of the running units listed in ``record`` are written into ``recorded`` during
+  the forward pass: the sampler reads them after the call to carry them to later steps (the
+  backbone returns only its output, and the form is the one place that sees each unit's).
+  A form is therefore made afresh for every traced call and read in that same trace; a
+  backbone that ran its units under a lifted transform (``nn.scan``, ``nn.remat``) would leak
+  the recorded tracers, which JAX refuses loudly.
+
+  Shaped for a second kind of reuse (Learning-to-Cache's, for DiT): caching the residual
+  ``call - skip`` and returning ``skip + cached`` would be one more action code recorded and
+  returned here; no backbone would change.
+  """
+  actions: tuple[int, ...]
+  cached: dict = dataclasses.field(default_factory=dict)   # unit index -> its cached output
+  record: frozenset = frozenset()                          # units whose outputs to record
+  recorded: dict = dataclasses.field(default_factory=dict)  # filled by `run`
+
+  def __post_init__(self):
+    object.__setattr__(self, 'actions', tuple(int(a) for a in self.actions))
+    object.__setattr__(self, 'record', frozenset(int(k) for k in self.record))
+    bad = [a for a in self.actions if a not in (SKIP, RUN, REUSE)]
+    if bad:
+      raise ValueError(f'ReuseUnits actions must be codes of {ACTIONS} (0, 1, 2), got {bad}')
+    missing = [k for k, a in enumerate(self.actions) if a == REUSE and k not in self.cached]
+    if missing:
+      raise ValueError(f'ReuseUnits: units {missing} are reused but have no cached output')
+
+  def check(self, num_units: int):
+    _check_length(len(self.actions), num_units, 'ReuseUnits')
+
+  def run(self, k, unit, call, skip, *args):
+    action = self.actions[k]
+    if action == REUSE:
+      return self.cached[k]
+    if action == SKIP:
+      return skip(unit, *args)
+    out = call(unit, *args)
+    if k in self.record:
+      self.recorded[k] = out
+    return out
 
 
 ALL_UNITS = AllUnits()

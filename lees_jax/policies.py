@@ -6,7 +6,9 @@ masks) and `LeesPolicy` (learned alpha, beta; hard or soft). From a policy and t
 timesteps come the per-step masks and the *segments*: maximal runs of consecutive steps
 sharing one mask. Samplers, cost accounting, training summaries, heat-maps and the experiment
 take policies; nothing else derives masks. How one forward pass runs a unit is a gate *form*
-(`lees_jax.gates`).
+(`lees_jax.gates`). Policies that also *reuse* a unit's cached output (DeepCache) give per-step
+actions (`Policy.step_actions`: skip, run, reuse) and live in `lees_jax.reuse`; their masks are
+the units that run.
 
 LEES gate: g_k(t) = sigmoid(alpha_k * t + beta_k), t = (timestep + 1) / T in (0, 1]
 (`normalized_time`, `gate_logits`, `gate_values`: the only definitions, for numpy and jax
@@ -25,6 +27,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lees_jax import gates
 
 GATES_FILE = 'gates.json'  # what a train_gates run writes into its workdir
 
@@ -137,6 +141,16 @@ class Policy:
                    num_units: int) -> np.ndarray:
     """(num_steps, K) float: blend weight of each unit (1/0 for hard policies)."""
     return self.step_masks(timesteps, num_timesteps, num_units).astype(np.float32)
+
+  # Policies that may reuse a unit's cached output (`lees_jax.reuse`) say so: the samplers
+  # then carry a cache of unit outputs from step to step.
+  reuses: bool = False
+
+  def step_actions(self, timesteps: Sequence[int], num_timesteps: int,
+                   num_units: int) -> np.ndarray:
+    """(num_steps, K) int8 codes of `lees_jax.gates.ACTIONS`: skip 0, run 1, reuse 2. A
+    masking policy only runs and skips (its mask as 0/1)."""
+    return self.step_masks(timesteps, num_timesteps, num_units).astype(np.int8)
 
   def to_dict(self) -> dict:
     raise NotImplementedError
@@ -251,7 +265,11 @@ def policy_from_dict(d: dict) -> Policy:
     return SchedulePolicy(np.asarray(d['matrix'], bool), name=d.get('name', 'schedule'))
   if kind == 'lees':
     return LeesPolicy(d['alpha'], d['beta'], form=d.get('form', 'hard'), name=d.get('name', 'lees'))
-  raise ValueError(f"unknown policy kind {kind!r}; expected 'full', 'schedule' or 'lees'")
+  from lees_jax import reuse  # pylint: disable=g-import-not-at-top  (reuse builds on this module)
+  if kind in reuse.KINDS:
+    return reuse.policy_from_dict(d)
+  raise ValueError(f"unknown policy kind {kind!r}; expected 'full', 'schedule', 'lees' or one of "
+                   f'{reuse.KINDS}')
 
 
 # ---------------------------------------------------------------------------
@@ -261,10 +279,12 @@ def policy_from_dict(d: dict) -> Policy:
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-  """Sampler steps [start, stop) all run with the same mask ``keep``."""
+  """Sampler steps [start, stop) all run with the same mask ``keep`` (and, for a reusing
+  policy, the same ``actions``: `segments_from_actions`)."""
   start: int
   stop: int
   keep: tuple[bool, ...]
+  actions: tuple[int, ...] | None = None
 
   @property
   def length(self) -> int:
@@ -273,14 +293,24 @@ class Segment:
 
 def segments_from_masks(masks: np.ndarray) -> list[Segment]:
   """Maximal runs of consecutive steps (rows of ``masks``) sharing one mask."""
-  masks = np.asarray(masks, bool)
-  if masks.ndim != 2 or masks.shape[0] == 0:
-    raise ValueError(f'masks must be (num_steps >= 1, K), got shape {masks.shape}')
-  out: list[Segment] = []
-  start = 0
-  for i in range(1, masks.shape[0] + 1):
-    if i == masks.shape[0] or not np.array_equal(masks[i], masks[start]):
-      out.append(Segment(start, i, tuple(bool(v) for v in masks[start])))
+  return _runs(np.asarray(masks, bool))
+
+
+def segments_from_actions(actions: np.ndarray) -> list[Segment]:
+  """Maximal runs of consecutive steps sharing one action vector ((steps, K) codes of
+  `lees_jax.gates.ACTIONS`); ``keep`` says which units run."""
+  return [Segment(s.start, s.stop, tuple(a == gates.RUN for a in s.keep), tuple(s.keep))
+          for s in _runs(np.asarray(actions, np.int8))]
+
+
+def _runs(rows: np.ndarray) -> list[Segment]:
+  """`segments_from_masks` for rows of any dtype: ``keep`` holds the row's values."""
+  if rows.ndim != 2 or rows.shape[0] == 0:
+    raise ValueError(f'masks must be (num_steps >= 1, K), got shape {rows.shape}')
+  out, start = [], 0
+  for i in range(1, rows.shape[0] + 1):
+    if i == rows.shape[0] or not np.array_equal(rows[i], rows[start]):
+      out.append(Segment(start, i, tuple(v.item() for v in rows[start])))
       start = i
   return out
 

@@ -21,6 +21,11 @@ paths:
   a U-ViT out-block's skip linear);
 * ``'soft'`` -- soft LEES gates: every unit runs and is blended with its skip by g(t).
 
+A *reusing* policy (`lees_jax.reuse`: DeepCache, per-step action matrices) samples on
+'segments' only: its segments are runs of steps with one action vector, each step's model call
+gets a `gates.ReuseUnits`, and the outputs of the reused units ride in the loop state from the
+step at which they last ran (`reuse.sample_segments`); a reused unit is absent from the step.
+
 The gate forms (`lees_jax.gates`) carry each path into the backbone; the policy
 (`lees_jax.policies`) says which units run at which step.
 
@@ -59,6 +64,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lees_jax import cost as cost_lib
 from lees_jax import gates as gating
 from lees_jax import policies
+from lees_jax import reuse as reuse_lib
 from lees_jax.models import backbone
 # The solvers live in `lees_jax.solvers`; their names are part of this module's interface.
 from lees_jax.solvers import (SAMPLERS, VARIANCES, Solver, make_solver,  # noqa: F401
@@ -249,16 +255,25 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
   if policy.soft != (path == 'soft'):
     raise ValueError(f"policy {policy.kind!r} ({'soft' if policy.soft else 'hard'}) cannot use path "
                      f"{path!r}: soft gates need path='soft', hard policies one of {HARD_PATHS}")
+  if policy.reuses and path != 'segments':
+    raise ValueError(f"policy {policy.name!r} reuses cached unit outputs, which only path "
+                     f"'segments' carries from step to step; got path {path!r}")
   stack = backbone.stack_of(model, ('segments', 'cond')) if path == 'stacked' else None
   first = 0 if start_step is None else int(start_step)
   if start_step is not None:
     solver = solver.starting_at(first)
   k = model.num_units
-  # Masks of every step (the traced operand is indexed by the absolute step), then those run.
-  all_masks = policy.step_masks(solver.timesteps, solver.num_original_timesteps, k)
-  masks = all_masks[first:]
-  segments = [policies.Segment(s.start + first, s.stop + first, s.keep)
-              for s in policies.segments_from_masks(masks)]
+  # Actions and masks of every step (the traced operand is indexed by the absolute step), then
+  # those run; a reusing policy's segments are runs of one action vector.
+  all_actions = policy.step_actions(solver.timesteps, solver.num_original_timesteps, k)
+  all_masks = all_actions == gating.RUN
+  actions, masks = all_actions[first:], all_masks[first:]
+  if policy.reuses:
+    reuse_lib.check_actions(actions, [u.name for u in model.units], first)
+  cached = reuse_lib.cached_units(actions)
+  segments = [policies.Segment(s.start + first, s.stop + first, s.keep, s.actions)
+              for s in (policies.segments_from_actions(actions) if policy.reuses
+                        else policies.segments_from_masks(masks))]
   mc = cost_lib.model_cost(model)
   shape = (batch_size,) + tuple(model.input.shape)
   if mesh is not None and batch_size % mesh.devices.size:
@@ -296,6 +311,11 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
           first, solver.num_steps,
           lambda i, s: step(params, rng, y, i, s, backbone.StackMask(stacked, mask_matrix[i])),
           state)
+    elif policy.reuses:
+      x_first, t_first = state[0], jnp.full((batch_size,), model_times[first], model_times.dtype)
+      state = reuse_lib.sample_segments(
+          segments, cached, lambda i, s, form: step(params, rng, y, i, s, form),
+          lambda form: model_eps(params, x_first, t_first, y, form), state)
     elif path == 'segments':
       for seg in segments:
         mask = gating.StaticMask(seg.keep)
@@ -348,7 +368,7 @@ def compile_sampler(model, solver: Solver, policy: policies.Policy, batch_size: 
   if guided and guidance_channels is not None and guidance_channels < channels:
     described += f' on {guidance_channels} of {channels} channels'
   fields = (jitted, operand, path, policy, masks, segments, policies.executed_block_ratio(masks),
-            mc.flop_fraction(masks), batch_size, described, conditioning, guidance_scale)
+            mc.flop_fraction_of_actions(actions), batch_size, described, conditioning, guidance_scale)
   prepare = jax.jit(stack.prepare) if stack is not None else None
   if start_step is None:
     return SampleProgram(*fields, prepare=prepare)

@@ -320,6 +320,10 @@ class ADM(nn.Module):
     return adm_always_flops(self.spec)
 
   @property
+  def skip_connections(self) -> tuple[backbone.SkipConnection, ...]:
+    return backbone.skip_connections_of_layout(adm_layout(self.spec))
+
+  @property
   def input(self) -> backbone.InputSpec:
     s = self.spec
     return backbone.InputSpec('pixels', (s.image_size, s.image_size, s.in_channels))

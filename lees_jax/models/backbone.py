@@ -14,6 +14,10 @@ rest of the package reads -- and nothing else is read:
 * ``time_embedding``: the top-level parameter subtrees of its timestep MLP (what ASE
   fine-tuning's ``freeze_time_embedding`` freezes);
 * ``init_params(rng)``: the full parameter tree;
+* optionally ``skip_connections``: a U-Net's long skips in the order they are saved
+  (`SkipConnection`: which units ran before the tensor was saved, which unit concatenates it;
+  `skip_connections_of_layout` derives them from a layout of 'push'/'pop' ops), what DeepCache's
+  shallow branch is made of (`lees_jax.reuse`); absent for a backbone without long skips;
 * optionally ``stack``: a `Stack` when the gateable units are stacks of identical blocks (DiT:
   one, U-ViT: two; `lees_jax.models.stacked`), which the 'stacked' sampling path needs
   (`stack_of`); absent or None otherwise.
@@ -64,6 +68,37 @@ class Unit:
   def __post_init__(self):
     if self.position not in POSITIONS:
       raise ValueError(f'unit {self.name!r}: position must be one of {POSITIONS}, got {self.position!r}')
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipConnection:
+  """A long skip of a U-Net: a tensor the encoder saves and a decoder unit concatenates onto its
+  input. ``source``: the last unit run before it is saved (-1: the stem's output, no unit), so
+  it is fresh whenever units 0..source ran; ``target``: the unit that consumes it."""
+  source: int
+  target: int
+
+
+def skip_connections_of_layout(ops) -> tuple[SkipConnection, ...]:
+  """The long skips of a layout whose ops have ``kind`` ('push' saves the current tensor,
+  'pop' concatenates the newest saved one onto the next unit's input) and ``gateable``
+  (a unit), in the order they are saved."""
+  sources, pushed, out = [], [], {}
+  k, waiting = 0, None
+  for op in ops:
+    if op.kind == 'push':
+      pushed.append(len(sources))
+      sources.append(k - 1)
+    elif op.kind == 'pop':
+      waiting = pushed.pop()
+    elif op.gateable:
+      if waiting is not None:
+        out[waiting] = SkipConnection(sources[waiting], k)
+        waiting = None
+      k += 1
+  if pushed or waiting is not None or len(out) != len(sources):
+    raise ValueError('layout has unmatched skip tensors')
+  return tuple(out[i] for i in range(len(sources)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -232,6 +232,10 @@ class UNet(nn.Module):
     return unet_always_flops(self.spec)
 
   @property
+  def skip_connections(self) -> tuple[backbone.SkipConnection, ...]:
+    return backbone.skip_connections_of_layout(unet_layout(self.spec))
+
+  @property
   def input(self) -> backbone.InputSpec:
     s = self.spec
     return backbone.InputSpec('pixels', (s.resolution, s.resolution, s.in_channels))
