@@ -63,7 +63,10 @@ def test_no_network_is_one_line_naming_dataset_url_and_remedies(no_network, tmp_
   assert 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz' in msg
   assert '--config.data.data_dir=DIR' in msg and 'python -m lees_jax.data_prep' in msg
   assert '--config.data.dataset=cifar10_subset' in msg
-  assert no_network == ['www.cs.toronto.edu']  # failed at once, before TFDS's retries
+  # Failed at once, before TFDS's retries: one attempt at the host. (Other hosts may appear:
+  # an earlier test's download threads, e.g. celeb_a's parallel Drive files, can still be
+  # resolving while this one runs, and they meet this test's patched socket.)
+  assert no_network.count('www.cs.toronto.edu') == 1
 
 
 def test_unreachable_host_after_resolution_is_reported_too(no_network, monkeypatch, tmp_path):
