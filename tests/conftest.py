@@ -18,8 +18,39 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+
+def _share_one_compile_cache():
+  """One persistent XLA compile cache for the whole run: the pytest process, its xdist workers
+  and every subprocess a test starts (they inherit the environment, and JAX reads these
+  variables when it starts). Tests build the same tiny programs many times over -- each
+  backbone's training step, the samplers of the tiny presets, the Inception network, eager
+  parameter initialisation -- and a program is compiled once per run instead of once per
+  process and per test. The cache starts empty in every run (a fresh directory, removed at
+  exit), so nothing carries over between runs; a cached executable is the compiled program
+  itself, so results are bitwise those of a fresh compile."""
+  if 'LEES_TEST_COMPILE_CACHE' in os.environ:  # a worker or subprocess of a run that made one
+    return
+  import atexit
+  import shutil
+  import tempfile
+  path = tempfile.mkdtemp(prefix='lees_jax_test_jit_')
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  os.environ.update(LEES_TEST_COMPILE_CACHE=path, JAX_COMPILATION_CACHE_DIR=path,
+                    # Worth a file only above ~0.1 s of compile (eager single ops are less).
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.1',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+
+
+_share_one_compile_cache()
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# In case JAX was imported before this file (a plugin), and read its environment then.
+jax.config.update('jax_compilation_cache_dir', os.environ['LEES_TEST_COMPILE_CACHE'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
 
 from configs import cifar10  # noqa: E402,F401  -- the config module the tests share
 from lees_jax import models  # noqa: E402
@@ -147,21 +178,10 @@ def tiny_backbone(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  """A persistent XLA compile cache shared by a test module and the subprocesses it starts."""
-  from jax._src import compilation_cache
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  compilation_cache.reset_cache()
-  yield path
-  for n, v in old.items():
-    jax.config.update(n, v)
-  compilation_cache.reset_cache()
+def compile_cache():
+  """The run's persistent XLA compile cache (`_share_one_compile_cache`), for tests that pass
+  it to a subprocess's environment explicitly."""
+  return os.environ['LEES_TEST_COMPILE_CACHE']
 
 
 @pytest.fixture
