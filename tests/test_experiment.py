@@ -69,7 +69,7 @@ def _tiny_study(backbone):
   c.experiment.update(lams=(0.05,), flop_weighted_lams=(), ase_finetuned=False, seeds=(0,),
                       ablations=('soft', 'soft_trained', 'random'),
                       robustness=True,
-                      corruptions=('fog',), robustness_reference_size=8, fid_method='svd',
+                      corruptions=('fog',), robustness_reference_size=4, fid_method='svd',
                       overhead_steps=1, sample_grid=4)
   return c
 
