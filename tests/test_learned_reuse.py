@@ -249,3 +249,21 @@ def test_dit_tiny_l2c_policy_samples_like_the_step_by_step_loop():
   want = reference_sample(model, params, solver, acts, rng, 2, y=y)
   np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)
   assert program.flop_fraction < 1.0
+
+
+def test_lees3_training_writes_gates_that_resolve(tiny_model, tmp_path):
+  from conftest import tiny_config
+  from lees_jax import train
+  from lees_jax.objectives import lees_reuse
+  model, params = tiny_model
+  config = tiny_config(**{'mode': 'train_lees3', 'gates.num_train_steps': 2, 'gates.batch_size': 4,
+                          'gates.log_every': 2, 'gates.checkpoint_every': 2, 'gates.init': 'on',
+                          'gates.heatmap_every': 0})
+  state = train.train(config, str(tmp_path), lees_reuse.lees3_objective(config, backbone=params))
+  assert set(state['params']) == {'alpha', 'beta', 'gamma', 'delta'}
+  assert any((np.asarray(v) != 0).any() for k, v in state['params'].items() if k != 'beta')
+  summary = files.read_json(files.join(str(tmp_path), learned_reuse.LEES3_FILE))
+  assert summary['previous_step_gap'] == 250
+  pol = evaluate.resolve_policy(f'lees3:{tmp_path}', model).policy
+  np.testing.assert_array_equal(pol.step_actions(summary['sampler']['timesteps'], 1000,
+                                                 model.num_units), summary['actions'])

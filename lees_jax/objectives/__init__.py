@@ -5,7 +5,8 @@
 * `ase_finetune` -- the ASE baseline: the backbone under a fixed drop schedule (``ase_finetune``);
 * `learning_to_cache` -- Learning-to-Cache's per-step reuse router on a frozen backbone
   (``train_l2c``);
-* `lees_reuse` -- three-choice LEES: run / reuse residual / skip as functions of t (``train_lees3``).
+* `lees_reuse` -- three-choice LEES: run / reuse residual / skip as functions of t
+  (``train_lees3``).
 
 Each is a function ``config -> Objective`` (see `base.Objective`); `OBJECTIVES` maps the mode
 name to it. A new objective is one more such function and one entry here. How each noises its

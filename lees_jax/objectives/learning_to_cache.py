@@ -133,7 +133,8 @@ def l2c_objective(config, backbone: Pytree | None = None) -> Objective:
     actions = policy.step_actions(timesteps, T, K)
     summary = {
         'format': 'lees_jax.l2c', 'version': 1, **policy.to_dict(),
-        'units': unit_names, 'lam': float(lc.lam), 'form': lc.form, 'init_beta': float(lc.init_beta),
+        'units': unit_names, 'lam': float(lc.lam), 'form': lc.form,
+        'init_beta': float(lc.init_beta),
         'step': int(state['step']), 'seed': int(config.seed),
         'actions': np.asarray(actions, int).tolist(),
         'reused_ratio': float((actions == gating.REUSE_RESIDUAL).mean()),
