@@ -73,6 +73,19 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       num_train_steps=-1,  # > 0 overrides num_epochs (the paper also quotes "~40k steps")
       log_every=50, checkpoint_every=500, heatmap_every=500, keep_checkpoints=3))
 
+  # Three-choice LEES (config.mode=train_lees3, lees_jax/objectives/lees_reuse.py): trained as
+  # config.gates says, plus a reuse logit per unit; a reuse is charged reuse_cost (run: 1,
+  # skip: 0; a residual reuse executes the skip's FLOPs, so 0 prices it like a skip).
+  c.lees3 = ml_collections.ConfigDict(dict(reuse_cost=0.0, reuse_init=0.0))
+
+  # Learning-to-Cache (config.mode=train_l2c, lees_jax/objectives/learning_to_cache.py): a
+  # router per step of config.sampler and unit on the frozen backbone; r = sigmoid(beta) <
+  # threshold reuses the unit's last residual. init_beta 2.0: r = 0.88, every unit runs.
+  c.l2c = ml_collections.ConfigDict(dict(
+      lam=0.1, form='soft',  # 'soft': the paper's interpolation; 'hard': straight-through
+      threshold=0.5, init_beta=2.0, learning_rate=1e-2, b1=0.9, b2=0.999, batch_size=128,
+      num_epochs=1.0, num_train_steps=-1, log_every=50, checkpoint_every=500, keep_checkpoints=3))
+
   # Sampling: the paper's 50-step respaced DDPM by default.
   c.sampler = ml_collections.ConfigDict(dict(
       name='ddpm',        # 'ddpm' | 'ddim' | 'dpm_solver++'
@@ -169,6 +182,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
                       checkpoint_every=10)
     c.gates.update(batch_size=8, num_train_steps=20, log_every=5, checkpoint_every=10,
                    heatmap_every=10)
+    c.l2c.update(batch_size=8, num_train_steps=20, log_every=5, checkpoint_every=10)
     c.sampler.update(steps=5, batch_size=4)
     c.eval.update(num_samples=8, latency_batch=4, latency_repeats=1, fid_batch_size=8,
                   reference_split='test[:64]', fid_method='svd')

@@ -66,6 +66,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
 
   # LEES on DiT: gates per block, lambda 0.05, one epoch of latents.
   c.gates.update(batch_size=64)
+  c.l2c.update(batch_size=64)  # Learning-to-Cache on DiT (its benchmark): per block
   c.ase.update(grid_num_samples=1000)
   # ASE fine-tuning of DiT: AdamW 2e-5, batch 64, EMA, constant rate (DiT's recipe).
   c.ase_ft.update(schedule='D3', batch_size=64, lr_schedule='constant')
@@ -83,6 +84,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
                       checkpoint_every=10)
     c.gates.update(batch_size=8, num_train_steps=20, log_every=5, checkpoint_every=10,
                    heatmap_every=10)
+    c.l2c.update(batch_size=8, num_train_steps=20, log_every=5, checkpoint_every=10)
     c.sampler.update(steps=5, batch_size=4)
     c.sampler.guidance_scale = 1.5
     c.sampler.guidance_channels = 0

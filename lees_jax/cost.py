@@ -5,7 +5,8 @@ ResBlock that changes channels still runs its 1x1 projection) and the FLOPs no g
 (`lees_jax.models.backbone`). The executed fraction of a policy is
 sum over steps of (always-run + sum_k [run_k or skip_k]) / (steps * full cost).
 A unit that *reuses* its cached output (`lees_jax.reuse`) costs 0 FLOPs at that step: nothing of
-it is computed (`flop_fraction_of_actions`).
+it is computed; one that reuses its cached *residual* costs its skip FLOPs, the skip it adds the
+residual to (`flop_fraction_of_actions`).
 `xla_flops` gives XLA's own count for a cross-check (tests compare both).
 """
 
@@ -53,11 +54,13 @@ class ModelCost:
 
   def flops_for_actions(self, actions) -> float:
     """FLOPs of one forward pass under actions (K,) (`lees_jax.gates.ACTIONS` codes): a run
-    unit costs its run FLOPs, a skipped one its skip FLOPs, a reused one nothing."""
+    unit costs its run FLOPs, a skipped one its skip FLOPs, a reused one nothing, a
+    residual-reused one its skip FLOPs (the fresh skip; the addition is not counted)."""
     actions = np.asarray(actions)
     per_action = np.zeros((len(gating.ACTIONS), len(self.units)))  # reuse: 0
     per_action[gating.SKIP] = [u.skip_flops for u in self.units]
     per_action[gating.RUN] = [u.run_flops for u in self.units]
+    per_action[gating.REUSE_RESIDUAL] = per_action[gating.SKIP]
     return float(self.always_flops + per_action[actions, np.arange(len(self.units))].sum())
 
   def flop_fraction_of_actions(self, actions: np.ndarray) -> float:

@@ -28,6 +28,12 @@ policies, used by evaluate, the experiment's cells and the tests):
                             the default, or DeepCache's non-uniform 1:N), in between only the
                             shallow branch of long skip <branch> (default 1) on the cached deep
                             feature (`lees_jax.reuse`; U-Nets: DDPM UNet, ADM)
+  l2c:<dir or routers.json>[@<threshold>]
+                            Learning-to-Cache routers of a train_l2c run: per sampler step,
+                            blocks whose router is below the threshold reuse their last residual
+  lees3:<dir or lees3_gates.json>
+                            three-choice LEES (run / reuse residual / skip as functions of t) of
+                            a train_lees3 run (`lees_jax.learned_reuse`)
 
 Writes ``W/eval/results.json`` (a list of records; finished records are kept and skipped
 on restart), CLU summaries in ``W/eval``, a sample grid PNG per policy and a heat-map
@@ -46,7 +52,8 @@ import time
 import jax
 import numpy as np
 
-from lees_jax import ase, checkpoints, data, files, models, policies, reuse, samplers
+from lees_jax import (ase, checkpoints, data, files, learned_reuse, models, policies, reuse,
+                      samplers)
 
 RESULT_KEYS = ('policy', 'seed', 'sampler', 'steps', 'num_samples', 'fid', 'latency_ms_per_100',
                'images_per_s', 'block_ratio', 'flop_fraction')
@@ -112,9 +119,13 @@ def resolve_policy(spec: str, model, *, default_budget: float = 0.75,
   if kind == 'deepcache':
     pol = reuse.parse_spec(arg, model)
     return ResolvedPolicy(pol.name, pol)
+  if kind in learned_reuse.KINDS:
+    pol = learned_reuse.parse_spec(kind, arg)
+    return ResolvedPolicy(pol.name, pol)
   raise ValueError(f'unknown policy spec {spec!r}; expected full, ase:<name>, ase_grid:<file>[@budget], '
                    'lees:<dir>, lees_soft:<dir>, random:<fraction>[:<seed>], ase_ft:<dir> or '
-                   'deepcache:<N>[:uniform|:nonuniform][@<branch>]')
+                   'deepcache:<N>[:uniform|:nonuniform][@<branch>], l2c:<dir>[@<threshold>] or '
+                   'lees3:<dir>')
 
 
 def load_results(path: str) -> list[dict]:

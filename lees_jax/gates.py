@@ -15,8 +15,11 @@ form, so a new form needs no backbone change:
   soft sampling);
 * `ExampleMask` -- a fixed 0/1 decision per example and unit (ASE fine-tuning: each example
   runs the network as the sampler would at its timestep; a dropped unit gets no gradient);
-* `ReuseUnits` -- a static action per unit: run it, skip it, or *reuse* its output from an
-  earlier forward pass (DeepCache-style caching; `lees_jax.reuse`): a reused unit is not traced.
+* `ReuseUnits` -- a static action per unit: run it, skip it, *reuse* its output from an
+  earlier forward pass (DeepCache-style caching; `lees_jax.reuse`): a reused unit is not
+  traced -- or reuse its *residual* ``call - skip`` on a fresh skip (Learning-to-Cache);
+* `CacheBlend` -- training of learned reuse (Learning-to-Cache's router, three-choice LEES):
+  the unit blended with its skip and with its skip plus a cached residual.
 
 The three blending forms compute both the unit and its skip: training needs
 d(out)/d(gate) = unit - skip. Real skipping is for sampling (`StaticMask`, `CondMask`).
@@ -117,9 +120,7 @@ class StraightThrough(_Blend):
     _check_length(self.logits.shape[-1], num_units, 'StraightThrough')
 
   def weights(self):
-    soft = jax.nn.sigmoid(self.logits)
-    decision = (self.logits > 0).astype(soft.dtype)
-    return decision + soft - jax.lax.stop_gradient(soft)
+    return straight_through(self.logits)
 
 
 @flax.struct.dataclass
@@ -148,42 +149,55 @@ class ExampleMask(_Blend):
 
 
 # The actions of `ReuseUnits`, as codes in per-step action matrices (`lees_jax.reuse`):
-# SKIP and RUN are a mask's False and True.
-SKIP, RUN, REUSE = 0, 1, 2
-ACTIONS = ('skip', 'run', 'reuse')
+# SKIP and RUN are a mask's False and True; REUSE returns the whole cached output (DeepCache),
+# REUSE_RESIDUAL the fresh skip plus the cached residual call - skip (Learning-to-Cache).
+SKIP, RUN, REUSE, REUSE_RESIDUAL = 0, 1, 2, 3
+ACTIONS = ('skip', 'run', 'reuse', 'reuse_residual')
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReuseUnits:
-  """Static actions (K,) over `ACTIONS` codes: unit k runs (RUN), returns its skip (SKIP), or
+  """Static actions (K,) over `ACTIONS` codes: unit k runs (RUN), returns its skip (SKIP),
   returns ``cached[k]`` (REUSE), the whole output it had when it last ran -- DeepCache's
-  semantics; the unit is then not traced at all, and neither is what only fed it.
+  semantics -- or returns ``skip(unit, *args) + cached[k]`` (REUSE_RESIDUAL), its skip on
+  this step's input plus the residual ``call - skip`` it had when it last ran --
+  Learning-to-Cache's layer caching (for a DiT block, whose skip is the identity: x plus the
+  block's last residual update). A reused unit is not traced at all, and for REUSE neither is
+  what only fed it.
 
-  The outputs of the running units listed in ``record`` are written into ``recorded`` during
-  the forward pass: the sampler reads them after the call to carry them to later steps (the
-  backbone returns only its output, and the form is the one place that sees each unit's).
-  A form is therefore made afresh for every traced call and read in that same trace; a
-  backbone that ran its units under a lifted transform (``nn.scan``, ``nn.remat``) would leak
-  the recorded tracers, which JAX refuses loudly.
-
-  Shaped for a second kind of reuse (Learning-to-Cache's, for DiT): caching the residual
-  ``call - skip`` and returning ``skip + cached`` would be one more action code recorded and
-  returned here; no backbone would change.
+  The running units listed in ``record`` write into ``recorded`` during the forward pass --
+  their output, or for those also in ``residual`` their residual ``call - skip`` (what a
+  later REUSE_RESIDUAL needs): the sampler reads them after the call to carry them to later
+  steps (the backbone returns only its output, and the form is the one place that sees each
+  unit's). A form is therefore made afresh for every traced call and read in that same trace;
+  a backbone that ran its units under a lifted transform (``nn.scan``, ``nn.remat``) would
+  leak the recorded tracers, which JAX refuses loudly.
   """
   actions: tuple[int, ...]
   cached: dict = dataclasses.field(default_factory=dict)   # unit index -> its cached output
   record: frozenset = frozenset()                          # units whose outputs to record
   recorded: dict = dataclasses.field(default_factory=dict)  # filled by `run`
+  residual: frozenset = frozenset()  # recorded units whose entry is the residual call - skip
 
   def __post_init__(self):
     object.__setattr__(self, 'actions', tuple(int(a) for a in self.actions))
     object.__setattr__(self, 'record', frozenset(int(k) for k in self.record))
-    bad = [a for a in self.actions if a not in (SKIP, RUN, REUSE)]
+    object.__setattr__(self, 'residual', frozenset(int(k) for k in self.residual))
+    bad = [a for a in self.actions if not 0 <= a < len(ACTIONS)]
     if bad:
-      raise ValueError(f'ReuseUnits actions must be codes of {ACTIONS} (0, 1, 2), got {bad}')
-    missing = [k for k, a in enumerate(self.actions) if a == REUSE and k not in self.cached]
+      raise ValueError(f'ReuseUnits actions must be codes of {ACTIONS} (0..{len(ACTIONS) - 1}), '
+                       f'got {bad}')
+    missing = [k for k, a in enumerate(self.actions)
+               if a in (REUSE, REUSE_RESIDUAL) and k not in self.cached]
     if missing:
       raise ValueError(f'ReuseUnits: units {missing} are reused but have no cached output')
+    # A unit's cache entry is either its output or its residual: one unit, one kind of reuse.
+    mixed = [k for k, a in enumerate(self.actions)
+             if (a == REUSE and k in self.residual) or (a == REUSE_RESIDUAL and k not in
+                                                        self.residual)]
+    if mixed:
+      raise ValueError(f'ReuseUnits: units {mixed} reuse a cache entry of the other kind (REUSE '
+                       'reads a whole output, REUSE_RESIDUAL a residual: list those in residual)')
 
   def check(self, num_units: int):
     _check_length(len(self.actions), num_units, 'ReuseUnits')
@@ -192,12 +206,49 @@ class ReuseUnits:
     action = self.actions[k]
     if action == REUSE:
       return self.cached[k]
+    if action == REUSE_RESIDUAL:
+      return skip(unit, *args) + self.cached[k]
     if action == SKIP:
       return skip(unit, *args)
     out = call(unit, *args)
     if k in self.record:
-      self.recorded[k] = out
+      self.recorded[k] = out - skip(unit, *args) if k in self.residual else out
     return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CacheBlend:
+  """Training form of learned residual reuse: unit k returns
+      skip + w_run (call - skip) + (1 - w_run) w_reuse cached[k],
+  with ``cached[k]`` the unit's residual call - skip from an earlier forward pass (the
+  previous sampler step), w_run, w_reuse (batch, K) weights (soft, or straight-through hard
+  0/1 with a sigmoid's gradient). That is w_run fresh + (1 - w_run)(w_reuse reused +
+  (1 - w_reuse) skipped), reused = skip + cached residual: Learning-to-Cache's interpolation
+  (w_reuse = 1) and three-choice LEES's run / reuse / skip. ``reuse_weight`` None means 0:
+  exactly `StraightThrough` / `SoftGates` arithmetic (LEES)."""
+  run_weight: jax.Array
+  cached: dict = dataclasses.field(default_factory=dict)
+  reuse_weight: jax.Array | None = None
+
+  def check(self, num_units: int):
+    _check_length(self.run_weight.shape[-1], num_units, 'CacheBlend')
+
+  def run(self, k, unit, call, skip, *args):
+    full = call(unit, *args)
+    skipped = skip(unit, *args)
+    shape = lambda w: jnp.asarray(w[..., k], full.dtype).reshape(  # noqa: E731  (B,) -> (B, 1..)
+        w.shape[:-1] + (1,) * (full.ndim - w.ndim + 1))
+    w_run = shape(self.run_weight)
+    out = skipped + w_run * (full - skipped)
+    if self.reuse_weight is None:
+      return out
+    return out + (1 - w_run) * shape(self.reuse_weight) * self.cached[k]
+
+
+def straight_through(logits: jax.Array) -> jax.Array:
+  """The hard decision (logit > 0) forward, the sigmoid's gradient backward."""
+  soft = jax.nn.sigmoid(logits)
+  return (logits > 0).astype(soft.dtype) + soft - jax.lax.stop_gradient(soft)
 
 
 ALL_UNITS = AllUnits()

@@ -29,6 +29,8 @@ MODES = {
     'pretrain': ('lees_jax.train', 'pretrain'),
     'train_gates': ('lees_jax.train', 'train_gates'),
     'ase_finetune': ('lees_jax.train', 'ase_finetune'),
+    'train_l2c': ('lees_jax.train', 'train_l2c'),
+    'train_lees3': ('lees_jax.train', 'train_lees3'),
     'evaluate': ('lees_jax.evaluate', 'evaluate'),
     'ase_grid': ('lees_jax.evaluate', 'ase_grid'),
     'experiment': ('lees_jax.experiment', 'experiment'),

@@ -148,8 +148,8 @@ class Policy:
 
   def step_actions(self, timesteps: Sequence[int], num_timesteps: int,
                    num_units: int) -> np.ndarray:
-    """(num_steps, K) int8 codes of `lees_jax.gates.ACTIONS`: skip 0, run 1, reuse 2. A
-    masking policy only runs and skips (its mask as 0/1)."""
+    """(num_steps, K) int8 codes of `lees_jax.gates.ACTIONS`: skip 0, run 1, reuse 2,
+    reuse_residual 3. A masking policy only runs and skips (its mask as 0/1)."""
     return self.step_masks(timesteps, num_timesteps, num_units).astype(np.int8)
 
   def to_dict(self) -> dict:
@@ -268,8 +268,11 @@ def policy_from_dict(d: dict) -> Policy:
   from lees_jax import reuse  # pylint: disable=g-import-not-at-top  (reuse builds on this module)
   if kind in reuse.KINDS:
     return reuse.policy_from_dict(d)
+  from lees_jax import learned_reuse  # pylint: disable=g-import-not-at-top
+  if kind in learned_reuse.KINDS:
+    return learned_reuse.policy_from_dict(d)
   raise ValueError(f"unknown policy kind {kind!r}; expected 'full', 'schedule', 'lees' or one of "
-                   f'{reuse.KINDS}')
+                   f'{reuse.KINDS + learned_reuse.KINDS}')
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Reuse as a gate form: policies whose units run, skip, or reuse their cached output, and DeepCache.
 
 A *reusing* policy gives every sampler step an action per unit (`lees_jax.gates.ACTIONS`): run
-it, skip it (its identity or shortcut, as every masking policy does), or reuse the output it
-had at the last step at which it ran. Its ``step_masks`` still say which units execute, so
-cost, heat-maps and block ratios read it like any policy; a reused unit costs 0 FLOPs
+it, skip it (its identity or shortcut, as every masking policy does), reuse the output it
+had at the last step at which it ran ('reuse', DeepCache), or add the residual call - skip it
+had then to this step's skip ('reuse_residual', Learning-to-Cache: `lees_jax.learned_reuse`).
+Its ``step_masks`` still say which units execute, so cost, heat-maps and block ratios read it
+like any policy; a reused unit costs 0 FLOPs, a residual-reused one its skip's
 (`lees_jax.cost`). The 'segments' sampler (`lees_jax.samplers`) carries the cached outputs of
 the reused units in its loop state (`sample_segments`); a reused unit is absent from the
 compiled step.
@@ -39,7 +41,7 @@ import numpy as np
 
 from lees_jax import gates as gating
 from lees_jax import policies
-from lees_jax.gates import ACTIONS, REUSE, RUN, SKIP
+from lees_jax.gates import ACTIONS, REUSE, REUSE_RESIDUAL, RUN, SKIP
 
 KINDS = ('actions', 'deepcache')
 SCHEDULES = ('uniform', 'nonuniform')
@@ -57,17 +59,24 @@ def action_codes(actions) -> np.ndarray:
     if bad:
       raise ValueError(f'unknown unit actions {bad}; expected {ACTIONS}')
     a = np.vectorize(ACTIONS.index)(a) if a.size else a.astype(int)
-  if a.ndim != 2 or (a.size and not np.isin(a, (SKIP, RUN, REUSE)).all()):
+  if a.ndim != 2 or (a.size and not np.isin(a, (SKIP, RUN, REUSE, REUSE_RESIDUAL)).all()):
     raise ValueError(f'actions must be (steps, units) codes of {ACTIONS}, got shape {a.shape}')
   return a.astype(np.int8)
 
 
 def check_actions(actions: np.ndarray, unit_names=None, first_step: int = 0):
-  """Refuses a unit reused at step i before it ran at some step < i (nothing to reuse)."""
+  """Refuses a unit reused at step i before it ran at some step < i (nothing to reuse), and
+  a unit reused both whole and by its residual (its cache holds one of the two)."""
   actions = action_codes(actions)
+  both = np.flatnonzero((actions == REUSE).any(axis=0) & (actions == REUSE_RESIDUAL).any(axis=0))
+  if both.size:
+    k = int(both[0])
+    name = unit_names[k] if unit_names is not None else f'unit {k}'
+    raise ValueError(f"{name} (unit {k}) is reused both whole ('reuse') and by its residual "
+                     "('reuse_residual'): a unit's cache holds one of the two")
   ran = np.zeros(actions.shape[1], bool)
   for i, row in enumerate(actions):
-    early = np.flatnonzero((row == REUSE) & ~ran)
+    early = np.flatnonzero(((row == REUSE) | (row == REUSE_RESIDUAL)) & ~ran)
     if early.size:
       k = int(early[0])
       name = unit_names[k] if unit_names is not None else f'unit {k}'
@@ -77,8 +86,14 @@ def check_actions(actions: np.ndarray, unit_names=None, first_step: int = 0):
 
 
 def cached_units(actions: np.ndarray) -> tuple[int, ...]:
-  """The units some step reuses: those whose outputs the sampler carries."""
-  return tuple(int(k) for k in np.flatnonzero((np.asarray(actions) == REUSE).any(axis=0)))
+  """The units some step reuses (whole or by residual): those whose outputs the sampler carries."""
+  a = np.asarray(actions)
+  return tuple(int(k) for k in np.flatnonzero(((a == REUSE) | (a == REUSE_RESIDUAL)).any(axis=0)))
+
+
+def residual_units(actions: np.ndarray) -> tuple[int, ...]:
+  """The units some step reuses by residual: their cache entry is call - skip."""
+  return tuple(int(k) for k in np.flatnonzero((np.asarray(actions) == REUSE_RESIDUAL).any(axis=0)))
 
 
 class ReusingPolicy(policies.Policy):
@@ -250,7 +265,8 @@ def repeated_groups(segments, max_group: int = 4) -> list[tuple[list, int]]:
 
 def sample_segments(segments, cached: tuple[int, ...], step, probe, state):
   """Runs the segments of a reusing policy with the cached outputs of units ``cached`` in the
-  loop state: ``(solver state, {unit: its output at the last step it ran})``.
+  loop state: ``(solver state, {unit: its output -- or for a unit some step reuses by residual,
+  its residual call - skip -- at the last step it ran})``.
 
   ``step(i, state, form) -> state`` is one sampler step with its model call under ``form``;
   ``probe(form)`` one model call at the program's shapes, traced only for the shapes of the
@@ -258,14 +274,18 @@ def sample_segments(segments, cached: tuple[int, ...], step, probe, state):
   which no step reads: `check_actions` has made sure each reused unit ran before. Repeating
   groups of segments (`repeated_groups`) run as one loop over their repeats.
   """
+  residual = frozenset(k for seg in segments for k, a in enumerate(seg.actions)
+                       if a == REUSE_RESIDUAL)
+
   def shapes():
-    form = gating.ReuseUnits((RUN,) * len(segments[0].actions), record=frozenset(cached))
+    form = gating.ReuseUnits((RUN,) * len(segments[0].actions), record=frozenset(cached),
+                             residual=residual)
     probe(form)
     return {k: form.recorded[k] for k in cached}
 
   def body(i, carry, actions):
     state, cache = carry
-    form = gating.ReuseUnits(actions, cached=cache, record=frozenset(cached))
+    form = gating.ReuseUnits(actions, cached=cache, record=frozenset(cached), residual=residual)
     state = step(i, state, form)
     return state, {k: form.recorded.get(k, cache[k]) for k in cached}
 

@@ -332,3 +332,15 @@ def ase_finetune(config, workdir: str):
   """``config.mode=ase_finetune``: the backbone fine-tuned under ``config.ase_ft.schedule``;
   exports ``<workdir>/backbone`` (EMA params + schedule) and ``<workdir>/ase_schedule.json``."""
   return run_objective('ase_finetune', config, workdir)
+
+
+def train_l2c(config, workdir: str):
+  """``config.mode=train_l2c``: Learning-to-Cache routers on the frozen ``config.backbone``;
+  writes ``<workdir>/routers.json`` (policy spec ``l2c:<workdir>``)."""
+  return run_objective('train_l2c', config, workdir)
+
+
+def train_lees3(config, workdir: str):
+  """``config.mode=train_lees3``: three-choice LEES gates on the frozen ``config.backbone``;
+  writes ``<workdir>/lees3_gates.json`` (policy spec ``lees3:<workdir>``)."""
+  return run_objective('train_lees3', config, workdir)

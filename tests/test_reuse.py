@@ -93,7 +93,7 @@ def test_form_returns_the_cached_output_without_calling_the_unit():
   with pytest.raises(ValueError, match='no cached output'):
     gates.ReuseUnits((RUN, REUSE, SKIP))
   with pytest.raises(ValueError, match='codes'):
-    gates.ReuseUnits((RUN, 3, SKIP))
+    gates.ReuseUnits((RUN, 4, SKIP))
 
 
 def test_run_and_skip_actions_equal_the_static_mask_bitwise(tiny_model):
