@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -249,17 +248,14 @@ def main(argv=None):
         f'{meta["device"]} ({meta["platform"]})'
         + (f'; max |ours - diffusers| fp32 {meta["max_abs_diff_vs_diffusers_fp32"]:.2e}'
            if 'max_abs_diff_vs_diffusers_fp32' in meta else ''))
-  print(f'{"dtype":<9} {"policy":<9} {"path":<10} {"blocks":>6} {"flops":>6} {"segs":>4} '
-        f'{"ms/run":>9} {"skip_eff":>8} {"vs_diff":>7} {"compile_s":>9}')
-  for r in records:
-    print(f'{r["dtype"]:<9} {r["policy"]:<9} {r["policy_path"]:<10} {r["block_ratio"]:>6.1%} '
-          f'{r["flop_fraction"]:>6.1%} {r["segments"]:>4} {r["latency_ms"]:>9.1f} '
-          f'{r["skip_efficiency"]:>8.3f} {r.get("vs_diffusers", float("nan")):>7.3f} '
-          f'{r["compile_s"]:>9.1f}')
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(records, f, indent=1)
-    print(f'wrote {args.out}')
+  timing.print_table(records, [
+      ('dtype', 'dtype', '<9'), ('policy', 'policy', '<9'), ('path', 'policy_path', '<10'),
+      ('blocks', 'block_ratio', '>6.1%'), ('flops', 'flop_fraction', '>6.1%'),
+      ('segs', 'segments', '>4'), ('ms/run', 'latency_ms', '>9.1f'),
+      ('skip_eff', 'skip_efficiency', '>8.3f'),
+      ('vs_diff', lambda r: r.get('vs_diffusers', float('nan')), '>7.3f'),
+      ('compile_s', 'compile_s', '>9.1f')])
+  timing.write_records(args.out, records)
 
 
 if __name__ == '__main__':

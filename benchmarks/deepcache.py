@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 
 from lees_jax import diffusion, evaluate, models, policies, samplers  # noqa: E402
-from timing import compile_program, interleaved_times  # noqa: E402
+from benchmarks import timing  # noqa: E402
 from train_step import load_config  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 
@@ -63,10 +62,10 @@ def main():
   programs, runs = {}, {}
   for name, policy in resolved:
     prog = samplers.compile_sampler(model, solver, policy, args.batch)
-    compiled, compile_s = compile_program(prog, params, rng)
+    compiled, compile_s = timing.compile_program(prog, params, rng)
     programs[name] = (prog, compile_s)
     runs[name] = (lambda c, p: lambda: c(params, rng, p.operand).block_until_ready())(compiled, prog)
-  times = interleaved_times(runs, args.repeats)
+  times = timing.interleaved_times(runs, args.repeats)
   full_ms = statistics.median(times['full']) * 1e3
 
   records = []
@@ -82,17 +81,13 @@ def main():
 
   print(f'\n{args.config}  {args.sampler}-{args.steps}  batch {args.batch}  '
         f'{meta["device"]} ({meta["platform"]}), load average {meta["load_average"]:.1f}')
-  print(f'{"policy":<28} {"full":>4} {"flops":>6} {"blocks":>6} {"segs":>4} {"ms/run":>8} '
-        f'{"ms min":>8} {"speedup":>7} {"skip_eff":>8} {"compile_s":>9}')
-  for r in records:
-    print(f'{r["policy"]:<28} {r["full_steps"]:>4} {r["flop_fraction"]:>6.1%} '
-          f'{r["block_ratio"]:>6.1%} {r["segments"]:>4} {r["latency_ms"]:>8.1f} '
-          f'{r["latency_ms_min"]:>8.1f} '
-          f'{r["speedup"]:>7.2f} {r["skip_efficiency"]:>8.3f} {r["compile_s"]:>9.1f}')
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(records, f, indent=1)
-    print(f'wrote {args.out}')
+  timing.print_table(records, [
+      ('policy', 'policy', '<28'), ('full', 'full_steps', '>4'),
+      ('flops', 'flop_fraction', '>6.1%'), ('blocks', 'block_ratio', '>6.1%'),
+      ('segs', 'segments', '>4'), ('ms/run', 'latency_ms', '>8.1f'),
+      ('ms min', 'latency_ms_min', '>8.1f'), ('speedup', 'speedup', '>7.2f'),
+      ('skip_eff', 'skip_efficiency', '>8.3f'), ('compile_s', 'compile_s', '>9.1f')])
+  timing.write_records(args.out, records)
 
 
 if __name__ == '__main__':

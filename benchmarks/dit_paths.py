@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -142,16 +141,13 @@ def main(argv=None):
 
   print(f'\nDiT-{args.size} depth {spec.depth} on {spec.input_size}x{spec.input_size}x4, '
         f'ddim-{args.steps}, batch {args.batch}, {args.dtype}, {meta["device"]} ({meta["platform"]})')
-  print(f'{"policy":<10} {"path":<9} {"blocks":>6} {"flops":>6} {"segs":>4} {"ms/run":>9} '
-        f'{"skip_eff":>8} {"compile_s":>9} {"prepare_ms":>10}')
-  for r in records:
-    print(f'{r["policy"]:<10} {r["policy_path"]:<9} {r["block_ratio"]:>6.1%} '
-          f'{r["flop_fraction"]:>6.1%} {r["segments"]:>4} {r["latency_ms"]:>9.1f} '
-          f'{r["skip_efficiency"]:>8.3f} {r["compile_s"]:>9.1f} {r["prepare_ms"]:>10.1f}')
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(records, f, indent=1)
-    print(f'wrote {args.out}')
+  timing.print_table(records, [
+      ('policy', 'policy', '<10'), ('path', 'policy_path', '<9'),
+      ('blocks', 'block_ratio', '>6.1%'), ('flops', 'flop_fraction', '>6.1%'),
+      ('segs', 'segments', '>4'), ('ms/run', 'latency_ms', '>9.1f'),
+      ('skip_eff', 'skip_efficiency', '>8.3f'), ('compile_s', 'compile_s', '>9.1f'),
+      ('prepare_ms', 'prepare_ms', '>10.1f')])
+  timing.write_records(args.out, records)
 
 
 if __name__ == '__main__':

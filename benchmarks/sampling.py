@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from lees_jax import cost, diffusion, models, policies, samplers  # noqa: E402
 from train_step import load_config  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
@@ -117,16 +117,13 @@ def main():
   per100 = 100.0 / args.batch
   print(f'\n{args.config}  {args.sampler}-{args.steps}  batch {args.batch}  {args.dtype}  '
         f'{meta["device"]} ({meta["platform"]})')
-  print(f'{"policy":<10} {"path":<9} {"flops":>6} {"blocks":>6} {"segs":>4} {"ms/run":>9} '
-        f'{"ms/100img":>10} {"skip_eff":>8} {"compile_s":>9}')
-  for r in records:
-    print(f'{r["policy"]:<10} {r["policy_path"]:<9} {r["flop_fraction"]:>6.1%} {r["block_ratio"]:>6.1%} '
-          f'{r["segments"]:>4} {r["latency_ms"]:>9.1f} {r["latency_ms"] * per100:>10.1f} '
-          f'{r["skip_efficiency"]:>8.3f} {r["compile_s"]:>9.1f}')
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(records, f, indent=1)
-    print(f'wrote {args.out}')
+  timing.print_table(records, [
+      ('policy', 'policy', '<10'), ('path', 'policy_path', '<9'),
+      ('flops', 'flop_fraction', '>6.1%'), ('blocks', 'block_ratio', '>6.1%'),
+      ('segs', 'segments', '>4'), ('ms/run', 'latency_ms', '>9.1f'),
+      ('ms/100img', lambda r: r['latency_ms'] * per100, '>10.1f'),
+      ('skip_eff', 'skip_efficiency', '>8.3f'), ('compile_s', 'compile_s', '>9.1f')])
+  timing.write_records(args.out, records)
 
 
 if __name__ == '__main__':

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -234,10 +233,7 @@ def main(argv=None):
         f'{spec.embed_dim}, depth {spec.depth}, {meta["params"]:,} params, batch {args.batch}, '
         f'{meta["device"]} ({meta["platform"]}), jax {jax.__version__}, {clock} time\n')
   print(markdown_table(records))
-  if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(records, f, indent=1)
-    print(f'wrote {args.out}')
+  timing.write_records(args.out, records)
   return records
 
 
