@@ -65,6 +65,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.gates = ml_collections.ConfigDict(dict(
       lam=0.05,         # weight of the compute term
       regularizer='mean',  # 'mean': E_t[mean_k g_k(t)] (the paper); 'flops': FLOP-weighted
+      timesteps='uniform',  # t the loss sees: 'uniform' (every t, the paper) or 'sampler' (only
+                            # the timesteps config.sampler visits: gates for that solver)
       form='hard',      # 'hard' (straight-through) or 'soft'
       init='zero',      # 'zero': alpha = beta = 0 (the paper; every unit starts off: g = 0.5 is
                         # not > 0.5); 'on': beta = +0.01 (every unit starts executed)
