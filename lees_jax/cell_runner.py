@@ -29,6 +29,10 @@ def _cell_config(config, cell: Cell, backbone: str):
   cfg.gates.lam = float(cell.lam)
   cfg.gates.form = cell.train_form
   cfg.gates.regularizer = cell.regularizer
+  with cfg.unlocked():  # configs written before the field: the paper's draw
+    cfg.gates.timesteps = cell.gate_timesteps
+  if cell.sampler:  # a few-step cell: its solver (gates trained for it see its timesteps)
+    cfg.sampler.update(name=cell.sampler, steps=int(cell.steps))
   cfg.backbone = backbone
   return cfg
 
@@ -106,6 +110,17 @@ class CellRunner:
                                             files.join(self.out, 'robustness_refs')) \
         if self.ex.robustness else None
     self._grid_pick = None
+    self._evaluators = {}
+
+  def evaluator_for(self, cell: Cell):
+    """The evaluator of the cell's sampler: the configured one, or for a few-step cell the same
+    backbone, FID network and reference with the cell's solver (`Evaluator.for_sampler`)."""
+    if not cell.sampler:
+      return self.evaluator
+    key = (cell.sampler, int(cell.steps))
+    if key not in self._evaluators:
+      self._evaluators[key] = self.evaluator.for_sampler(*key)
+    return self._evaluators[key]
 
   def _write_ase_schedules(self):
     """W/experiment/ase_schedules.json: Table 5's rows (U-ViT's among ase_rows) as run here."""
@@ -123,6 +138,8 @@ class CellRunner:
     grid's pick, the main LEES cell's block ratio (A3) or the cell's trained gates (LEES)."""
     if cell.kind == 'full':
       return 'full'
+    if cell.kind == 'spec':  # experiment.extra_policies, as written
+      return cell.spec
     if cell.kind == 'ase':
       return f'ase:{cell.schedule}'
     if cell.kind == 'ase_grid':
@@ -144,18 +161,20 @@ class CellRunner:
       return f'random:{keep!r}:{int(cell.seed)}'  # repr: the float round-trips exactly
     if cell.kind == 'lees':
       gates_dir = files.join(cdir, 'gates')
-      if cell.train_form == 'hard' and cell.form == 'soft':
+      if cell.gates_from or (cell.train_form == 'hard' and cell.form == 'soft'):
         # A1 (the paper's): the main λ cell's gates, trained exactly as this cell would train
-        # them (same seed, λ, form and compute term), applied soft: reuse them.
-        main_id = f'lees_lam{cell.lam:g}_s{cell.seed}'
+        # them (same seed, λ, form and compute term), applied soft: reuse them. A few-step
+        # 'main gates' cell applies them (hard) on its own solver.
+        main_id = cell.gates_from or f'lees_lam{cell.lam:g}_s{cell.seed}'
         if cells.read_result(self.workdir, main_id) is None:
-          raise RuntimeError(f'{cell.label} applies the gates of the LEES λ={cell.lam:g} cell of seed '
-                             f'{cell.seed} softly, and that cell has not finished (see its error.txt)')
+          raise RuntimeError(f'{cell.label} applies the gates of cell {main_id} (LEES λ={cell.lam:g}, '
+                             f'seed {cell.seed}), which has not finished (see its error.txt)')
         gates_dir = files.join(cells.cell_dir(self.workdir, main_id), 'gates')
       info = train_cell_gates(self.config, cell, gates_dir, self.backbone)
       g = info['gates']
       hist = read_history(files.join(gates_dir, HISTORY_FILE))
-      conv = stats_lib.gate_convergence(hist, self.evaluator.solver.timesteps, g['num_timesteps'],
+      conv = stats_lib.gate_convergence(hist, self.evaluator_for(cell).solver.timesteps,
+                                        g['num_timesteps'],
                                         info['num_train_steps'], self.ex.convergence_fractions,
                                         float(self.ex.stable_share))
       rec_extra.update(gate_train_seconds=info['gate_train_seconds'],
@@ -170,18 +189,19 @@ class CellRunner:
     """(resolved policy named as the records name it, key of its reusable program or None)."""
     from lees_jax import evaluate  # pylint: disable=g-import-not-at-top
     spec = self.policy_spec(cell, cdir, rec_extra)
-    names = {'full': 'full', 'ase': cell.schedule, 'ase_grid': 'ase_grid'}
+    names = {'full': 'full', 'ase': cell.schedule, 'ase_grid': 'ase_grid', 'spec': None}
     if cell.kind == 'random':
       name = f'random_{rec_extra["random_keep_fraction"]:.3f}_s{cell.seed}'
     else:
-      name = names.get(cell.kind, cell.id)
+      name = names.get(cell.kind, cell.id)  # None: the spec's own name (e.g. deepcache_n2)
     resolved = evaluate.resolve_policy(spec, self.evaluator.model, name=name)
     rec_extra['policy_spec'] = spec
     if cell.kind == 'random':
       rec_extra.update(gate_alpha=resolved.policy.alpha.tolist(),
                        gate_beta=resolved.policy.beta.tolist())
-    # Fixed policies compile once per run; gates differ per cell.
-    return resolved, (spec if cell.kind in names else None)
+    # Fixed policies compile once per run and sampler; gates differ per cell.
+    key = f'{spec}@{cell.sampler}{cell.steps}' if cell.sampler else spec
+    return resolved, (key if cell.kind in names else None)
 
   def ase_grid_pick(self) -> dict:
     """Runs the B3 grid once (resumable, W/experiment/ase_grid) and picks within the budget."""
@@ -233,12 +253,14 @@ class CellRunner:
     resolved, cache_key = self._resolved(cell, cdir, extra)
     t_eval = time.perf_counter()
     program = self.programs.get(cache_key) if cache_key else None
-    rec, images, program = self.evaluator.run(resolved, cell.seed, self.num_samples, program=program)
+    evaluator = self.evaluator_for(cell)
+    rec, images, program = evaluator.run(resolved, cell.seed, self.num_samples, program=program)
     if cache_key:
       self.programs[cache_key] = program
     eval_seconds = time.perf_counter() - t_eval
     t_rob = time.perf_counter()
-    if self.robustness is not None and (not self.ex.robustness_seeds or
+    # ΔFID is measured with the configured sampler's steps: few-step cells have none.
+    if self.robustness is not None and not cell.sampler and (not self.ex.robustness_seeds or
                                         cell.seed in tuple(self.ex.robustness_seeds)):
       # The cell's policy (and its backbone, e.g. ase_ft's) denoises the corrupted inputs.
       rob = self.robustness.evaluate(resolved, seed=cell.seed, cache_key=cache_key)
@@ -249,11 +271,15 @@ class CellRunner:
     rec.update(extra)
     rec.update(cell=cell.id, group=cell.group, label=cell.label, kind=cell.kind, lam=cell.lam,
                form=cell.form, train_form=cell.train_form, regularizer=cell.regularizer,
+               spec=cell.spec or None, gate_timesteps=cell.gate_timesteps,
+               gates_from=cell.gates_from or None,
+               # (sampler, steps): the solver this cell was sampled with (evaluate's record)
+               few_step=bool(cell.sampler),
                seed=int(cell.seed), fid_method=self.ex.fid_method,
                masks=np.asarray(program.masks, int).tolist(),
-               timesteps=self.evaluator.solver.timestep_values(),  # real-valued when continuous
-               num_timesteps=int(self.evaluator.solver.num_original_timesteps),
-               unit_names=[u.name for u in self.evaluator.model.units], backbone=self.backbone,
+               timesteps=evaluator.solver.timestep_values(),  # real-valued when continuous
+               num_timesteps=int(evaluator.solver.num_original_timesteps),
+               unit_names=[u.name for u in evaluator.model.units], backbone=self.backbone,
                seconds={'total': time.perf_counter() - t_cell, 'evaluate': eval_seconds,
                         'robustness': rob_seconds,
                         'gate_training': extra.get('gate_train_seconds', 0.0)})
