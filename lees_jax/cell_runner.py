@@ -273,8 +273,7 @@ class CellRunner:
                form=cell.form, train_form=cell.train_form, regularizer=cell.regularizer,
                spec=cell.spec or None, gate_timesteps=cell.gate_timesteps,
                gates_from=cell.gates_from or None,
-               # (sampler, steps): the solver this cell was sampled with (evaluate's record)
-               few_step=bool(cell.sampler),
+               few_step=bool(cell.sampler),  # its solver: the record's sampler and steps
                seed=int(cell.seed), fid_method=self.ex.fid_method,
                masks=np.asarray(program.masks, int).tolist(),
                timesteps=evaluator.solver.timestep_values(),  # real-valued when continuous

@@ -12,6 +12,9 @@ From a backbone checkpoint (``config.backbone``) and the ``config.experiment`` s
   A2 λ=0               gates trained hard without the compute term
   A3 random            random fixed gates (`policies.random_gate_params`) whose keep fraction is
                        the executed-block ratio of the LEES main_lam cell of the same seed
+  <spec>               each policy spec of experiment.extra_policies (e.g. deepcache:2)
+  ... @ <solver>-<n>   per setting of experiment.few_step: B1, B2, the main λ's gates and gates
+                       trained for that solver (gates.timesteps='sampler'), sampled by it
 
 For seed s the gate training uses ``config.seed = s`` and every cell samples with seed s, so
 cells of one seed are paired (same initial noise) for the paired t-tests.
