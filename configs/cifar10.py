@@ -4,6 +4,8 @@ Usage:
   python -m lees_jax.main --config=configs/cifar10.py --workdir=W            # the paper's setting
   python -m lees_jax.main --config=configs/cifar10.py:tiny --workdir=W       # seconds on a CPU
   python -m lees_jax.main --config=configs/cifar10.py:quickstart --workdir=W # offline quick start
+  python -m lees_jax.main --config=configs/cifar10.py:fewstep --workdir=W    # + few-step solvers,
+                                                                             #   DeepCache rows
 
 Any field can be overridden, e.g. ``--config.mode=describe --config.gates.lam=0.1``;
 the config is locked, so a misspelt or ill-typed field is an error naming it.
@@ -13,7 +15,7 @@ import os
 
 import ml_collections
 
-PRESETS = ('paper', 'tiny', 'quickstart')
+PRESETS = ('paper', 'tiny', 'quickstart', 'fewstep')
 # The small backbone shipped for the offline quick start (trained by this project's `pretrain`
 # mode on the shipped CIFAR-10 subset; see lees_jax/data/quickstart_backbone/TRAINING.md).
 QUICKSTART_BACKBONE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -65,6 +67,8 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
   c.gates = ml_collections.ConfigDict(dict(
       lam=0.05,         # weight of the compute term
       regularizer='mean',  # 'mean': E_t[mean_k g_k(t)] (the paper); 'flops': FLOP-weighted
+      timesteps='uniform',  # t the loss sees: 'uniform' (every t, the paper) or 'sampler' (only
+                            # the timesteps config.sampler visits: gates for that solver)
       form='hard',      # 'hard' (straight-through) or 'soft'
       init='zero',      # 'zero': alpha = beta = 0 (the paper; every unit starts off: g = 0.5 is
                         # not > 0.5); 'on': beta = +0.01 (every unit starts executed)
@@ -154,6 +158,13 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
       # A1 soft inference (the paper's: main-λ gates applied soft), A1' soft-trained (trained
       # and applied soft), A2 λ = 0, A3 random gates at the main cell's executed ratio
       ablations=('soft', 'soft_trained', 'lam0', 'random'),
+      # Policy specs run as baseline cells on the configured sampler (`evaluate.resolve_policy`),
+      # e.g. ('deepcache:2', 'deepcache:3:nonuniform'): caching next to skipping
+      extra_policies=(),
+      # Few-step solvers, (name, steps) each, e.g. (('ddim', 10), ('dpm_solver++', 20)): per
+      # setting, B1, B2, the main λ's gates and gates trained for that solver
+      # (gates.timesteps='sampler'), all sampled by it (the 'fewstep' preset runs four)
+      few_step=(),
       ase_budget=-1.0,     # B3 FLOP budget; <= 0: the mean FLOP fraction of LEES main_lam
       fid_method='sqrtm',  # 'sqrtm' (published numbers) or 'svd' (fast, exact for PSD)
       robustness=True, robustness_dataset='cifar10_corrupted', severity=3,
@@ -194,7 +205,7 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
                         robustness=False,  # no network: no CIFAR-10-C
                         corruptions=('gaussian_noise', 'fog'), robustness_reference_size=16,
                         fid_method='svd', overhead_steps=2, sample_grid=8)
-  elif preset == 'quickstart':
+  elif preset in ('quickstart', 'fewstep'):
     c.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16,),
                    num_groups=8, dropout=0.0)
     c.data.dataset = 'cifar10_subset'
@@ -210,4 +221,9 @@ def get_config(preset: str = 'paper') -> ml_collections.ConfigDict:
     c.experiment.update(lams=(0.05,), flop_weighted_lams=(), seeds=(0,), ase_finetuned=False,
                         baselines=('full', 'ase_default'), ablations=(),
                         robustness=False, fid_method='svd', overhead_steps=3)
+    if preset == 'fewstep':  # the quick start with the "beyond the papers" rows: DDIM and
+      # DPM-Solver++ at 10 and 20 steps against the 50-step DDPM gates, and DeepCache
+      c.experiment.update(few_step=(('ddim', 10), ('ddim', 20), ('dpm_solver++', 10),
+                                    ('dpm_solver++', 20)),
+                          extra_policies=('deepcache:2', 'deepcache:3:nonuniform'))
   return c

@@ -37,9 +37,9 @@ class CellsFailed(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Cell:
   id: str
-  group: str          # 'baseline' | 'lees' | 'ablation'
+  group: str          # 'baseline' | 'lees' | 'ablation' | 'few_step'
   label: str          # e.g. 'B1 full', 'LEES λ=0.05', 'A1 soft'
-  kind: str           # 'full' | 'ase' | 'ase_grid' | 'lees' | 'random'
+  kind: str           # 'full' | 'ase' | 'ase_grid' | 'ase_ft' | 'lees' | 'random' | 'spec'
   seed: int
   lam: float | None = None
   form: str = 'hard'        # kind 'lees': the form the gates are applied with at sampling;
@@ -47,6 +47,12 @@ class Cell:
   train_form: str = 'hard'  # kind 'lees': the form they are trained with
   regularizer: str = 'mean'  # kind 'lees': the compute term (see `objectives.lees_gates`)
   schedule: str = 'ase_default'  # kind 'ase': the ASE schedule (B2's, or a Table 5 row)
+  spec: str = ''      # kind 'spec': the `evaluate.resolve_policy` spec (experiment.extra_policies)
+  # A few-step cell's solver (experiment.few_step); '' / 0: the configured config.sampler.
+  sampler: str = ''
+  steps: int = 0
+  gate_timesteps: str = 'uniform'  # kind 'lees': config.gates.timesteps of its gate training
+  gates_from: str = ''  # kind 'lees': the cell whose gates it applies (none of its own trained)
 
 
 BASELINES = ('full', 'ase_default', 'ase_grid')
@@ -70,9 +76,72 @@ def lees_label(lam: float, regularizer: str = 'mean') -> str:
   return f'LEES λ={lam:g}' if regularizer == 'mean' else f'LEES-FLOPs λ={lam:g}'
 
 
+SOLVER_NAMES = {'ddpm': 'DDPM', 'ddim': 'DDIM', 'dpm_solver++': 'DPM-Solver++'}
+
+
+def solver_label(name: str, steps: int) -> str:
+  """A few-step setting as the report names it, e.g. 'DDIM-10', 'DPM-Solver++-20'."""
+  return f'{SOLVER_NAMES.get(name, name)}-{int(steps)}'
+
+
+def few_step_settings(ex) -> list[tuple[str, int]]:
+  """``experiment.few_step`` as (solver name, steps) pairs, checked."""
+  from lees_jax import solvers  # pylint: disable=g-import-not-at-top
+  out = []
+  for entry in ex.get('few_step', ()):
+    name, steps = entry
+    if name not in solvers.SAMPLERS or int(steps) < 1:
+      raise ValueError(f'experiment.few_step entry {tuple(entry)!r}: expected (solver, steps) with '
+                       f'a solver of {solvers.SAMPLERS} and steps >= 1')
+    out.append((str(name), int(steps)))
+  if len(set(out)) != len(out):
+    raise ValueError(f'experiment.few_step repeats a setting: {out}')
+  return out
+
+
+def few_step_labels(ex, name: str, steps: int) -> dict[str, str]:
+  """The four rows of one few-step setting, by role: the full model, ASE-default, the main
+  LEES cell's gates (trained on every t, the paper's) and gates trained for this solver."""
+  lam, at = float(ex.main_lam), solver_label(name, steps)
+  return {'full': f'B1 full @ {at}', 'ase_default': f'B2 ASE-default @ {at}',
+          'lees_main': f'{lees_label(lam)} main gates @ {at}',
+          'lees_solver': f'{lees_label(lam)} solver-trained @ {at}'}
+
+
+def few_step_cells(ex, seed: int) -> list[Cell]:
+  """Per setting of ``experiment.few_step``: full, ASE-default, the main λ cell's gates and
+  gates trained with ``gates.timesteps='sampler'`` on that solver, all sampled by it."""
+  lam, out = float(ex.main_lam), []
+  for name, steps in few_step_settings(ex):
+    tag = f'fs_{name.replace("++", "pp")}{steps}'
+    lab = few_step_labels(ex, name, steps)
+    at = dict(group='few_step', seed=seed, sampler=name, steps=steps)
+    out += [Cell(f'{tag}_full_s{seed}', label=lab['full'], kind='full', **at),
+            Cell(f'{tag}_ase_default_s{seed}', label=lab['ase_default'], kind='ase', **at),
+            Cell(f'{tag}_lees_main_s{seed}', label=lab['lees_main'], kind='lees', lam=lam,
+                 gates_from=f'lees_lam{lam:g}_s{seed}', **at),
+            Cell(f'{tag}_lees_solver_s{seed}', label=lab['lees_solver'], kind='lees', lam=lam,
+                 gate_timesteps='sampler', **at)]
+  return out
+
+
+def extra_policies(ex) -> list[str]:
+  """``experiment.extra_policies``: policy specs run as baseline cells (e.g. DeepCache's)."""
+  specs = [str(s) for s in ex.get('extra_policies', ())]
+  if len(set(specs)) != len(specs):
+    raise ValueError(f'experiment.extra_policies repeats a spec: {specs}')
+  return specs
+
+
+def extra_cell_id(spec: str, seed: int) -> str:
+  import re  # pylint: disable=g-import-not-at-top
+  return f'x_{re.sub(r"[^A-Za-z0-9.]+", "_", spec).strip("_")}_s{seed}'
+
+
 def plan_cells(ex) -> list[Cell]:
-  """The grid, in run order: per seed B1, B2, the LEES λ sweep (and its FLOP-weighted rows),
-  A1, A1', A2, A3; then every B3 cell (its budget may depend on all LEES cells)."""
+  """The grid, in run order: per seed B1, B2, the extra policies, the LEES λ sweep (and its
+  FLOP-weighted rows), A1, A1', A2, A3; then every B3 cell (its budget may depend on all LEES
+  cells), B2-ft and B3-ft; then the few-step cells (they apply the main LEES cells' gates)."""
   lams = [float(x) for x in ex.lams]
   flop_lams = [float(x) for x in ex.flop_weighted_lams]
   main = float(ex.main_lam)
@@ -88,9 +157,11 @@ def plan_cells(ex) -> list[Cell]:
   bad_rows = [r for r in ex.get('ase_rows', ()) if r not in table5]
   if bad_rows:
     raise ValueError(f'unknown experiment.ase_rows {bad_rows}; Table 5 has {table5}')
-  if {'random', 'soft', 'soft_trained'} & set(ex.ablations) and main not in lams:
+  if ({'random', 'soft', 'soft_trained'} & set(ex.ablations) or few_step_settings(ex)) \
+      and main not in lams:
     raise ValueError(f'experiment.main_lam={main:g} must be one of experiment.lams {lams} '
-                     '(A1, A1\' and A3 are defined relative to it)')
+                     '(A1, A1\', A3 and the few-step rows are defined relative to it)')
+  specs = extra_policies(ex)
   label = ABLATION_LABELS
   cells = []
   for s in (int(x) for x in ex.seeds):
@@ -101,6 +172,8 @@ def plan_cells(ex) -> list[Cell]:
     for row in ex.get('ase_rows', ()):  # Table 5's other rows (DiT's D-n, U-ViT's), frozen backbone
       cells.append(Cell(f'ase_{row}_s{s}', 'baseline', ase_row_label(row), 'ase', s,
                         schedule=row))
+    for spec in specs:  # e.g. DeepCache: run as written, on the configured sampler
+      cells.append(Cell(extra_cell_id(spec, s), 'baseline', spec, 'spec', s, spec=spec))
     for lam in lams:
       cells.append(Cell(f'lees_lam{lam:g}_s{s}', 'lees', lees_label(lam), 'lees', s, lam))
     for lam in flop_lams:
@@ -124,19 +197,25 @@ def plan_cells(ex) -> list[Cell]:
       if b in ex.baselines:
         cells.extend(Cell(f'{cid}_s{s}', 'baseline', label, 'ase_ft', s, form=b)
                      for s in (int(x) for x in ex.seeds))
+  for s in (int(x) for x in ex.seeds):
+    cells.extend(few_step_cells(ex, s))
   return cells
 
 
 def label_order(ex) -> list[str]:
-  """Labels in table order (B1, B2, B3, LEES sweep, A1, A1', A2, A3), restricted to the config."""
+  """Labels in table order (B1, B2, B3, ASE rows, extra policies, B2-ft, B3-ft, LEES sweep,
+  A1, A1', A2, A3, then each few-step setting's four rows), restricted to the config."""
   out = [l for b, l in (('full', 'B1 full'), ('ase_default', 'B2 ASE-default'),
                         ('ase_grid', 'B3 ASE-grid')) if b in ex.baselines]
   out += [ase_row_label(row) for row in ex.get('ase_rows', ())]
+  out += extra_policies(ex)
   if ex.ase_finetuned:
     out += [FINETUNED_LABELS[b] for b in ('ase_default', 'ase_grid') if b in ex.baselines]
   out += [lees_label(float(x)) for x in ex.lams]
   out += [lees_label(float(x), 'flops') for x in ex.flop_weighted_lams]
   out += [ABLATION_LABELS[a] for a in ABLATIONS if a in ex.ablations]
+  for name, steps in few_step_settings(ex):
+    out += list(few_step_labels(ex, name, steps).values())
   return out
 
 
@@ -209,8 +288,11 @@ def summarize(workdir: str, config=None) -> dict:
   labels = order + sorted(l for l in groups if l not in order)
   main_label = lees_label(float(ex.main_lam)) if ex is not None else _guess_main(groups)
   per_label = stats_lib.per_label_stats(groups, labels, METRICS)
+  # The paired tests compare policies on the configured sampler: a few-step row differs from
+  # the main LEES cell in its solver too, so it is left out of the family.
+  same_sampler = [l for l in labels if (groups.get(l) or [{}])[0].get('group') != 'few_step']
   ttests = stats_lib.holm_adjust_ttests(
-      stats_lib.ttests_vs(groups, labels, main_label, TTEST_METRICS), TTEST_METRICS)
+      stats_lib.ttests_vs(groups, same_sampler, main_label, TTEST_METRICS), TTEST_METRICS)
 
   overhead_path = files.join(experiment_dir(workdir), OVERHEAD_FILE)
   overhead = files.read_json(overhead_path) if files.isfile(overhead_path) else None
@@ -219,7 +301,11 @@ def summarize(workdir: str, config=None) -> dict:
   if overhead and gate_seconds['mean'] is not None and overhead.get('epoch_seconds'):
     training['gate_train_over_backbone_epoch'] = gate_seconds['mean'] / overhead['epoch_seconds']
 
-  first = results[0] if results else {}
+  # The run's sampler is the configured one: a few-step cell records its own.
+  first = next((r for r in results if r.get('group') != 'few_step'), results[0] if results else {})
+  for label in labels:  # the solver each label was sampled with, as its records say
+    recs = groups.get(label) or [{}]
+    per_label[label].update(sampler=recs[0].get('sampler'), steps=recs[0].get('steps'))
   summary = {
       'main_label': main_label, 'labels': labels, 'per_label': per_label,
       'ttests_vs_main': ttests, 'training': training,
@@ -236,7 +322,9 @@ def summarize(workdir: str, config=None) -> dict:
                           robustness=bool(ex.robustness), severity=int(ex.severity),
                           corruptions=list(ex.corruptions),
                           robustness_reference_size=int(ex.robustness_reference_size),
-                          robustness_dataset=ex.robustness_dataset)
+                          robustness_dataset=ex.robustness_dataset,
+                          few_step=[list(x) for x in few_step_settings(ex)],
+                          extra_policies=extra_policies(ex))
   rob = next((r['robustness'] for r in results if r.get('robustness')), None)
   if rob:  # the definition with the run's values, as the cells measured it
     summary['run'].update(robustness_definition=rob.get('definition'),

@@ -43,6 +43,7 @@ PNG of executed units per gated policy. Every file goes through `lees_jax.files`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -212,6 +213,15 @@ class Evaluator:
       self.ref_stats = self.reference_stats(ev.reference_split)
       self.reference = f'{config.data.dataset}/{ev.reference_split}'
     print(f'FID reference: {self.reference}, {self.ref_stats.count} images')
+
+  def for_sampler(self, name: str, steps: int) -> 'Evaluator':
+    """This evaluator with the solver ``name`` at ``steps`` steps (the study's few-step cells):
+    backbone, FID network and reference statistics are this one's, shared, not loaded again."""
+    other = copy.copy(self)
+    other.config = self.config.copy_and_resolve_references()
+    other.config.sampler.update(name=name, steps=int(steps))
+    other.solver = samplers.solver_from_config(other.config.diffusion, other.config.sampler)
+    return other
 
   def reference_stats(self, split: str):
     """FID statistics of ``split`` of ``config.data`` (cached in the out dir, resumable)."""

@@ -12,6 +12,9 @@ From a backbone checkpoint (``config.backbone``) and the ``config.experiment`` s
   A2 λ=0               gates trained hard without the compute term
   A3 random            random fixed gates (`policies.random_gate_params`) whose keep fraction is
                        the executed-block ratio of the LEES main_lam cell of the same seed
+  <spec>               each policy spec of experiment.extra_policies (e.g. deepcache:2)
+  ... @ <solver>-<n>   per setting of experiment.few_step: B1, B2, the main λ's gates and gates
+                       trained for that solver (gates.timesteps='sampler'), sampled by it
 
 For seed s the gate training uses ``config.seed = s`` and every cell samples with seed s, so
 cells of one seed are paired (same initial noise) for the paired t-tests.
@@ -64,90 +67,23 @@ path and policies; datasets come through `lees_jax.data` and TFDS names in the c
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import statistics
 import time
 import traceback
-
-import numpy as np
 
 from lees_jax import cells
 from lees_jax import files
 from lees_jax import models
-from lees_jax import robustness
-from lees_jax import stats as stats_lib
-# The grid and its files live in `lees_jax.cells`; these names are the experiment's vocabulary.
-from lees_jax.cells import (CELLS_DIR, ERROR_FILE, HISTORY_FILE, OVERHEAD_FILE, RESULT_FILE,
+# The grid and its files live in `lees_jax.cells`, one cell's run in `lees_jax.cell_runner`;
+# these names are the experiment's vocabulary.
+from lees_jax.cell_runner import CellRunner as _Runner  # noqa: F401
+from lees_jax.cell_runner import finetune_ase, train_cell_gates  # noqa: F401
+from lees_jax.cells import (CELLS_DIR, ERROR_FILE, HISTORY_FILE, OVERHEAD_FILE, RESULT_FILE,  # noqa: F401
                             SUMMARY_FILE, Cell, CellsFailed, cell_dir, experiment_dir, lees_label,
                             load_cell_results, plan_cells, print_summary, read_history, summarize)
+
 # ---------------------------------------------------------------------------
 # Running the grid.
 # ---------------------------------------------------------------------------
-
-
-def _cell_config(config, cell: Cell, backbone: str):
-  cfg = config.copy_and_resolve_references()
-  cfg.seed = int(cell.seed)
-  cfg.gates.lam = float(cell.lam)
-  cfg.gates.form = cell.train_form
-  cfg.gates.regularizer = cell.regularizer
-  cfg.backbone = backbone
-  return cfg
-
-
-def train_cell_gates(config, cell: Cell, gates_dir: str, backbone: str) -> dict:
-  """Trains (or resumes, or reuses) the cell's gates; returns timing and the gates summary.
-
-  Runs `train.train` on `objectives.gates_objective` -- exactly ``config.mode=train_gates`` --
-  with one addition: the gate parameters of every logging step go to ``gates_history.jsonl``.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from lees_jax import objectives, train  # pylint: disable=g-import-not-at-top
-  cfg = _cell_config(config, cell, backbone)
-  timing_path = files.join(gates_dir, 'train_time.json')
-  gates_path = files.join(gates_dir, objectives.GATES_FILE)
-  objective = objectives.gates_objective(cfg)
-  if files.isfile(gates_path) and files.isfile(timing_path) and \
-      files.read_json(gates_path).get('step') == objective.num_train_steps:
-    return dict(files.read_json(timing_path), gates=files.read_json(gates_path),
-                num_train_steps=objective.num_train_steps)
-  history_path = files.join(gates_dir, HISTORY_FILE)
-  base_scalars = objective.host_scalars
-
-  def host_scalars(state):
-    out = base_scalars(state)
-    if jax.process_index() == 0:
-      p = jax.device_get(state['params'])
-      files.append_line(history_path, json.dumps({'step': int(state['step']),
-                                                  'alpha': [float(x) for x in np.asarray(p['alpha'])],
-                                                  'beta': [float(x) for x in np.asarray(p['beta'])]}))
-    return out
-
-  objective = dataclasses.replace(objective, host_scalars=host_scalars)
-  t0 = time.perf_counter()
-  train.train(cfg, gates_dir, objective)
-  seconds = time.perf_counter() - t0
-  timing = {'gate_train_seconds': seconds, 'gate_train_device': str(jax.devices()[0].device_kind)}
-  files.write_json(timing_path, timing)
-  return dict(timing, gates=files.read_json(gates_path), num_train_steps=objective.num_train_steps)
-
-
-def finetune_ase(config, schedule: str, out_dir: str, backbone: str) -> str:
-  """The backbone fine-tuned under ``schedule`` (`objectives.ase_objective`, exactly
-  ``config.mode=ase_finetune`` with config.ase_ft) in ``out_dir``: trained once (resumable),
-  shared by every seed's cell; returns ``out_dir`` for the ``ase_ft:`` policy spec."""
-  from lees_jax import objectives, train  # pylint: disable=g-import-not-at-top
-  cfg = config.copy_and_resolve_references()
-  cfg.mode = 'ase_finetune'
-  cfg.backbone = backbone
-  cfg.ase_ft.schedule = schedule
-  done = files.join(out_dir, objectives.ASE_SCHEDULE_FILE)
-  objective = objectives.ase_objective(cfg)
-  if not (files.isfile(done) and files.read_json(done).get('step') == objective.num_train_steps):
-    train.train(cfg, out_dir, objective)
-  return out_dir
 
 
 def time_backbone_epoch(config, num_steps: int) -> dict:
@@ -160,180 +96,6 @@ def time_backbone_epoch(config, num_steps: int) -> dict:
               epoch_seconds=steps_per_epoch * timing['step_seconds'], dataset=config.data.dataset,
               method='steps_per_epoch x median time of one pretraining step (data loading '
                      'included, compile step excluded)')
-
-
-class _Runner:
-  """Shared state of one experiment run: evaluator, compiled programs, ASE grid pick."""
-
-  def __init__(self, config, workdir: str):
-    from lees_jax import evaluate  # pylint: disable=g-import-not-at-top
-    self.config = config
-    self.ex = config.experiment
-    self.workdir = workdir
-    self.out = experiment_dir(workdir)
-    self.evaluator = evaluate.Evaluator(config, self.out, fid_method=self.ex.fid_method)
-    self.backbone = self.evaluator.backbone_path
-    self.num_samples = int(config.eval.num_samples)
-    self.programs = {}
-    self._write_ase_schedules()
-    self.robustness = robustness.Robustness(config, self.evaluator,
-                                            files.join(self.out, 'robustness_refs')) \
-        if self.ex.robustness else None
-    self._grid_pick = None
-
-  def _write_ase_schedules(self):
-    """W/experiment/ase_schedules.json: Table 5's rows (U-ViT's among ase_rows) as run here."""
-    from lees_jax import ase, cost  # pylint: disable=g-import-not-at-top
-    model, solver = self.evaluator.model, self.evaluator.solver
-    uvit = [r for r in self.ex.get('ase_rows', ()) if r in ase.UVIT_KEPT]
-    rows = ase.table5_as_run(model.units, cost.model_cost(model), solver.timesteps,
-                             solver.num_original_timesteps, uvit)
-    files.write_json(files.join(self.out, cells.ASE_SCHEDULES_FILE), rows)
-
-  # -- policies --------------------------------------------------------------
-
-  def policy_spec(self, cell: Cell, cdir: str, rec_extra: dict) -> str:
-    """The cell's policy as an `evaluate.resolve_policy` spec, after what it needs: the B3
-    grid's pick, the main LEES cell's block ratio (A3) or the cell's trained gates (LEES)."""
-    if cell.kind == 'full':
-      return 'full'
-    if cell.kind == 'ase':
-      return f'ase:{cell.schedule}'
-    if cell.kind == 'ase_grid':
-      rec_extra['ase_grid_pick'] = self.ase_grid_pick()
-      return 'ase_grid:' + files.join(self.out, 'ase_grid', 'pareto.json')
-    if cell.kind == 'ase_ft':
-      schedule = 'ase_default' if cell.form == 'ase_default' else self.ase_grid_pick()['name']
-      out = finetune_ase(self.config, schedule, files.join(self.out, 'ase_finetune', schedule),
-                         self.backbone)
-      rec_extra['ase_finetuned_schedule'] = schedule
-      return f'ase_ft:{out}'
-    if cell.kind == 'random':
-      main = cells.cell_file(self.workdir, f'lees_lam{cell.lam:g}_s{cell.seed}', RESULT_FILE)
-      if not files.isfile(main):
-        raise RuntimeError(f'A3 random gates take their keep fraction from the LEES λ={cell.lam:g} '
-                           f'cell of seed {cell.seed}, which has not finished (see its error.txt)')
-      keep = float(files.read_json(main)['block_ratio'])
-      rec_extra['random_keep_fraction'] = keep
-      return f'random:{keep!r}:{int(cell.seed)}'  # repr: the float round-trips exactly
-    if cell.kind == 'lees':
-      gates_dir = files.join(cdir, 'gates')
-      if cell.train_form == 'hard' and cell.form == 'soft':
-        # A1 (the paper's): the main λ cell's gates, trained exactly as this cell would train
-        # them (same seed, λ, form and compute term), applied soft: reuse them.
-        main_id = f'lees_lam{cell.lam:g}_s{cell.seed}'
-        if cells.read_result(self.workdir, main_id) is None:
-          raise RuntimeError(f'{cell.label} applies the gates of the LEES λ={cell.lam:g} cell of seed '
-                             f'{cell.seed} softly, and that cell has not finished (see its error.txt)')
-        gates_dir = files.join(cells.cell_dir(self.workdir, main_id), 'gates')
-      info = train_cell_gates(self.config, cell, gates_dir, self.backbone)
-      g = info['gates']
-      hist = read_history(files.join(gates_dir, HISTORY_FILE))
-      conv = stats_lib.gate_convergence(hist, self.evaluator.solver.timesteps, g['num_timesteps'],
-                                        info['num_train_steps'], self.ex.convergence_fractions,
-                                        float(self.ex.stable_share))
-      rec_extra.update(gate_train_seconds=info['gate_train_seconds'],
-                       gate_train_steps=info['num_train_steps'], gates_dir=gates_dir,
-                       gate_alpha=g['alpha'], gate_beta=g['beta'],
-                       gates_executed_block_ratio=g['executed_block_ratio'],
-                       gate_convergence=conv, converged_fraction=conv['converged_fraction'])
-      return f'{"lees_soft" if cell.form == "soft" else "lees"}:{gates_dir}'
-    raise ValueError(f'unknown cell kind {cell.kind!r}')
-
-  def _resolved(self, cell: Cell, cdir: str, rec_extra: dict):
-    """(resolved policy named as the records name it, key of its reusable program or None)."""
-    from lees_jax import evaluate  # pylint: disable=g-import-not-at-top
-    spec = self.policy_spec(cell, cdir, rec_extra)
-    names = {'full': 'full', 'ase': cell.schedule, 'ase_grid': 'ase_grid'}
-    if cell.kind == 'random':
-      name = f'random_{rec_extra["random_keep_fraction"]:.3f}_s{cell.seed}'
-    else:
-      name = names.get(cell.kind, cell.id)
-    resolved = evaluate.resolve_policy(spec, self.evaluator.model, name=name)
-    rec_extra['policy_spec'] = spec
-    if cell.kind == 'random':
-      rec_extra.update(gate_alpha=resolved.policy.alpha.tolist(),
-                       gate_beta=resolved.policy.beta.tolist())
-    # Fixed policies compile once per run; gates differ per cell.
-    return resolved, (spec if cell.kind in names else None)
-
-  def ase_grid_pick(self) -> dict:
-    """Runs the B3 grid once (resumable, W/experiment/ase_grid) and picks within the budget."""
-    if self._grid_pick is not None:
-      return self._grid_pick
-    from lees_jax import ase, evaluate, report  # pylint: disable=g-import-not-at-top
-    out = files.join(self.out, 'ase_grid')
-    files.makedirs(out)
-    cfg = self.config
-
-    records = evaluate.run_ase_grid(cfg, self.evaluator, out)
-    budget = float(self.ex.ase_budget)
-    source = 'experiment.ase_budget'
-    if budget <= 0:
-      main = [r for r in load_cell_results(self.workdir) if r['label'] == lees_label(float(self.ex.main_lam))]
-      if main:
-        budget = statistics.fmean(r['flop_fraction'] for r in main)
-        source = f'mean FLOP fraction of the {len(main)} {lees_label(float(self.ex.main_lam))} cell(s)'
-      else:
-        budget = float(cfg.eval.ase_budget)
-        source = f'config.eval.ase_budget (no finished {lees_label(float(self.ex.main_lam))} cell)'
-    note = ''
-    try:
-      pick = ase.pick_for_budget(records, budget)
-    except ValueError:
-      pick = min(records, key=lambda r: (r['flop_fraction'], r['fid']))
-      note = (f'no grid schedule fits the FLOP budget {budget:.3f}; took the cheapest one '
-              f'({pick["flop_fraction"]:.3f})')
-      print(f'B3: {note}')
-    front = ase.pareto_front(records)
-    files.write_json(files.join(out, 'pareto.json'),
-                     {'pareto': front, 'budget': budget, 'budget_source': source, 'note': note,
-                      'pick': pick, 'grid_num_samples': int(cfg.ase.grid_num_samples),
-                      'grid_seed': int(cfg.ase.grid_seed),
-                      'grid_reference': f'{cfg.data.dataset}/{cfg.ase.grid_reference_split}'})
-    report.save_png(report.pareto_plot(records, front, pick), files.join(out, 'pareto.png'))
-    files.sync('ase grid pick')  # B3's cells resolve their policy from pareto.json
-    self._grid_pick = dict(pick, budget=budget, budget_source=source, note=note)
-    return self._grid_pick
-
-  # -- one cell --------------------------------------------------------------
-
-  def run_cell(self, cell: Cell) -> dict:
-    from lees_jax import report  # pylint: disable=g-import-not-at-top
-    cdir = cell_dir(self.workdir, cell.id)
-    files.makedirs(cdir)
-    t_cell = time.perf_counter()
-    extra: dict = {}
-    resolved, cache_key = self._resolved(cell, cdir, extra)
-    t_eval = time.perf_counter()
-    program = self.programs.get(cache_key) if cache_key else None
-    rec, images, program = self.evaluator.run(resolved, cell.seed, self.num_samples, program=program)
-    if cache_key:
-      self.programs[cache_key] = program
-    eval_seconds = time.perf_counter() - t_eval
-    t_rob = time.perf_counter()
-    if self.robustness is not None and (not self.ex.robustness_seeds or
-                                        cell.seed in tuple(self.ex.robustness_seeds)):
-      # The cell's policy (and its backbone, e.g. ase_ft's) denoises the corrupted inputs.
-      rob = self.robustness.evaluate(resolved, seed=cell.seed, cache_key=cache_key)
-      rec.update(robustness=rob, delta_fid=rob['delta_fid'])
-    rob_seconds = time.perf_counter() - t_rob
-    report.save_png(report.image_grid(images[:max(1, min(int(self.ex.sample_grid), len(images)))]),
-                    files.join(cdir, 'samples.png'))
-    rec.update(extra)
-    rec.update(cell=cell.id, group=cell.group, label=cell.label, kind=cell.kind, lam=cell.lam,
-               form=cell.form, train_form=cell.train_form, regularizer=cell.regularizer,
-               seed=int(cell.seed), fid_method=self.ex.fid_method,
-               masks=np.asarray(program.masks, int).tolist(),
-               timesteps=self.evaluator.solver.timestep_values(),  # real-valued when continuous
-               num_timesteps=int(self.evaluator.solver.num_original_timesteps),
-               unit_names=[u.name for u in self.evaluator.model.units], backbone=self.backbone,
-               seconds={'total': time.perf_counter() - t_cell, 'evaluate': eval_seconds,
-                        'robustness': rob_seconds,
-                        'gate_training': extra.get('gate_train_seconds', 0.0)})
-    files.write_json(files.join(cdir, RESULT_FILE), rec)
-    files.sync(f'cell {cell.id}')  # later cells (B3's budget, A3's ratio) read this result
-    return rec
 
 
 def _ensure_latents(config, workdir: str) -> None:

@@ -141,12 +141,17 @@ def pareto_plot(records: Sequence[dict], front: Sequence[dict], pick: dict | Non
 
 
 def results_pareto_plot(per_label: dict, points: dict[str, list[tuple[float, float]]] | None = None,
-                        title: str = 'FID vs latency (mean ± std over seeds)') -> np.ndarray:
+                        title: str = 'FID vs latency (mean ± std over seeds)', *,
+                        settings: dict[str, str] | None = None) -> np.ndarray:
   """FID against latency per 100 images, one marker with x/y error bars per policy; thin
-  dots are the individual seeds."""
-  fig = _figure(7.0, 4.6)
+  dots are the individual seeds. ``settings`` maps a label sampled by another solver (the
+  few-step rows) to its setting, e.g. 'DDIM-10': one marker shape per setting, hollow, so
+  every method of the study shares one plot and each solver stays recognisable."""
+  fig = _figure(8.0, 5.2)
   ax = fig.add_subplot(1, 1, 1)
   markers = {'baseline': 's', 'lees': 'o', 'ablation': '^'}
+  settings = settings or {}
+  setting_markers = dict(zip(sorted(set(settings.values())), 'DvP*XhpH<>'))
   for i, (label, e) in enumerate(per_label.items()):
     fid, lat = e.get('fid') or {}, e.get('latency_ms_per_100') or {}
     if fid.get('mean') is None or lat.get('mean') is None:
@@ -154,13 +159,16 @@ def results_pareto_plot(per_label: dict, points: dict[str, list[tuple[float, flo
     color = f'C{i % 10}'
     if points and points.get(label):
       ax.scatter([p[0] for p in points[label]], [p[1] for p in points[label]], s=6, c=color, alpha=0.4)
+    hollow = label in settings
+    marker = setting_markers[settings[label]] if hollow else markers.get(e.get('group'), 'o')
     ax.errorbar(lat['mean'], fid['mean'], xerr=lat.get('std') or 0.0, yerr=fid.get('std') or 0.0,
-                fmt=markers.get(e.get('group'), 'o'), color=color, capsize=3, ms=6,
-                label=f'{label} (n={fid["n"]})')
+                fmt=marker, color=color, capsize=3, ms=7 if hollow else 6,
+                mfc='none' if hollow else color, label=f'{label} (n={fid["n"]})')
   ax.set_xlabel('latency per 100 images (ms)')
   ax.set_ylabel('FID (lower is better)')
-  ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=6, loc='best')
+  ax.set_title(title + ('; hollow: ' + ', '.join(f'{m} {s}' for s, m in setting_markers.items())
+                        if setting_markers else ''), fontsize=8)
+  ax.legend(fontsize=5 if len(per_label) > 14 else 6, loc='best', ncol=2 if len(per_label) > 14 else 1)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   return _to_rgb(fig)

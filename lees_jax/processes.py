@@ -20,7 +20,10 @@ the field existed):
 Every objective (pretrain, LEES gates, ASE fine-tuning), the solver of every sampler and the
 noising of robustness inputs come from here, so none of them branches on the process:
 
-  process.draw(rng, x0)                  -> NoisedBatch(x_t, noise, network_time, gate_time, t)
+  process.draw(rng, x0[, times])         -> NoisedBatch(x_t, noise, network_time, gate_time, t);
+                                            with ``times`` t is drawn uniformly from them only
+  process.sampler_times(timestep_values) -> the process's own times of a solver's timesteps
+                                            (what ``times`` takes: gates trained for a solver)
   process.loss_terms(x0, noised, eps, v) -> per-example (mse, vb or None)
   process.schedule_keep(policy, K)       -> noised -> (B, K) bool, the units a fixed schedule
                                             runs at each example's time (ASE fine-tuning)
@@ -77,6 +80,16 @@ def draw_t_noise(rng: jax.Array, x0: jax.Array, num_timesteps: int):
   return t, noise
 
 
+def draw_from_times(rng: jax.Array, x0: jax.Array, times):
+  """t drawn uniformly from the given ``times`` (one per example) and eps ~ N(0, I): training
+  on exactly the times a solver visits (``config.gates.timesteps='sampler'``)."""
+  k_t, k_n = jax.random.split(rng)
+  times = jnp.asarray(times)
+  t = times[jax.random.randint(k_t, (x0.shape[0],), 0, times.shape[0])]
+  noise = jax.random.normal(k_n, x0.shape, jnp.float32)
+  return t, noise
+
+
 def process_name(diffusion_config) -> str:
   """``config.diffusion.process`` ('ddpm' when absent), checked."""
   name = diffusion_config.get('process', DEFAULT_PROCESS) if diffusion_config is not None \
@@ -105,8 +118,14 @@ class DiscreteDDPM:
   def check_model(self, model) -> None:
     del model  # epsilon and epsilon-plus-variance backbones both train on it
 
-  def draw(self, rng, x0) -> NoisedBatch:
-    t, noise = draw_t_noise(rng, x0, self.schedule.num_steps)
+  def sampler_times(self, timestep_values) -> np.ndarray:
+    return np.asarray(timestep_values, np.int32)  # a discrete solver's original timesteps
+
+  def draw(self, rng, x0, times=None) -> NoisedBatch:
+    if times is None:
+      t, noise = draw_t_noise(rng, x0, self.schedule.num_steps)
+    else:
+      t, noise = draw_from_times(rng, x0, times)
     return NoisedBatch(diffusion.q_sample(self.schedule, x0, t, noise), noise, t,
                        policies.normalized_time(t, self.gate_timesteps), t)
 
@@ -163,10 +182,17 @@ class ContinuousVPSDE:
                        f"'noise_pred'), but {type(model).__name__} outputs {model.output!r}: a "
                        "learned variance belongs to the discrete DDPM process ('ddpm')")
 
-  def draw(self, rng, x0) -> NoisedBatch:
-    k_t, k_n = jax.random.split(rng)
-    t = jax.random.uniform(k_t, (x0.shape[0],), jnp.float32, self.t_min, 1.0)
-    noise = jax.random.normal(k_n, x0.shape, jnp.float32)
+  def sampler_times(self, timestep_values) -> np.ndarray:
+    # The solvers state their continuous t as the real-valued timesteps T t - 1.
+    return ((np.asarray(timestep_values, np.float64) + 1.0) / self.gate_timesteps).astype(np.float32)
+
+  def draw(self, rng, x0, times=None) -> NoisedBatch:
+    if times is None:
+      k_t, k_n = jax.random.split(rng)
+      t = jax.random.uniform(k_t, (x0.shape[0],), jnp.float32, self.t_min, 1.0)
+      noise = jax.random.normal(k_n, x0.shape, jnp.float32)
+    else:
+      t, noise = draw_from_times(rng, x0, times)
     return NoisedBatch(self.vp.marginal(x0, t, noise), noise,
                        jnp.float32(sde.NETWORK_TIME_SCALE) * t, t, t)
 

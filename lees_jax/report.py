@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lees_jax import cells
 from lees_jax import files
 from lees_jax import policies
 from lees_jax.figures import (  # re-exported: see the module docstring
@@ -226,6 +227,30 @@ def write_report(workdir: str) -> str:
       'end (a random direction per unit), so A3 spends the same block budget as LEES with no '
       'learning.\n')
 
+  # --- few-step solvers -------------------------------------------------------------------
+  few = [l for l in labels if per[l]['group'] == 'few_step']
+  settings = {}  # (sampler, steps) -> its labels, in table order
+  for l in few:
+    settings.setdefault((per[l].get('sampler'), per[l].get('steps')), []).append(l)
+  if settings:
+    add('## Few-step solvers: gates for the solver that runs them\n')
+    add(f'Each setting samples with its own solver: B1, B2 (ASE-default), the gates of the {main} '
+        f'cells (trained with t drawn over every timestep, the paper\'s; their masks reported on '
+        f'{run.get("sampler")}-{run.get("steps")}) and gates trained at the same λ with '
+        '`gates.timesteps=\'sampler\'` (the loss sees only the timesteps this solver visits). '
+        'Speed-up is against B1 of the same setting. Not in the paired t-tests above.\n')
+  for (name, steps), group in settings.items():
+    full = next((per[l]['latency_ms_per_100']['mean'] for l in group
+                 if l.startswith('B1 full')), None)
+    add(f'### {cells.solver_label(name, steps)}\n')
+    add(_md_table(['policy', 'n', 'FID', 'ms / 100 img', 'FLOPs', 'executed blocks',
+                   'speed-up vs B1'],
+                  [[l, per[l]['fid']['n'], _fmt(per[l]['fid']), _fmt(per[l]['latency_ms_per_100'], 1),
+                    _fmt(per[l]['flop_fraction'], 1, 100, True), _fmt(per[l]['block_ratio'], 1, 100, True),
+                    f'{(1 - per[l]["latency_ms_per_100"]["mean"] / full) * 100:.0f} %' if full else '—']
+                   for l in group]))
+    add('')
+
   # --- robustness ------------------------------------------------------------------------
   add('## Robustness (CIFAR-10-C)\n')
   rob_labels = [l for l in labels if per[l].get('delta_fid', {}).get('n')]
@@ -296,7 +321,8 @@ def write_report(workdir: str) -> str:
   lam_rows = []
   for l in labels:
     recs = by_label.get(l, [])
-    if recs and recs[0].get('kind') == 'lees' and recs[0].get('form') == 'hard' and recs[0].get('lam') is not None:
+    if recs and recs[0].get('kind') == 'lees' and recs[0].get('form') == 'hard' and \
+        recs[0].get('lam') is not None and recs[0].get('group') != 'few_step':
       lam_rows.append((recs[0].get('regularizer', 'mean'), float(recs[0]['lam']),
                        per[l]['block_ratio'], per[l]['flop_fraction']))
   if lam_rows:
@@ -343,7 +369,10 @@ def write_report(workdir: str) -> str:
 
   points = {l: [(r['latency_ms_per_100'], r['fid']) for r in by_label.get(l, [])
                 if r.get('latency_ms_per_100') is not None] for l in labels}
-  save_png(results_pareto_plot({l: per[l] for l in labels}, points), files.join(out, 'pareto.png'))
+  # Few-step rows are marked by their solver setting; the configured sampler's by their group.
+  markers = {l: cells.solver_label(per[l]['sampler'], per[l]['steps']) for l in few}
+  save_png(results_pareto_plot({l: per[l] for l in labels}, points, settings=markers),
+           files.join(out, 'pareto.png'))
   path = files.join(out, 'report.md')
   files.write_text(path, '\n'.join(md) + '\n')
   return path

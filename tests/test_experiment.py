@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import cifar10
-from lees_jax import evaluate, experiment, train
+from lees_jax import cell_runner, evaluate, experiment, train
 
 
 def test_plan_cells_and_config():
@@ -49,6 +49,53 @@ def test_plan_cells_and_config():
   q = cifar10.get_config('quickstart')
   assert [x.id for x in experiment.plan_cells(q.experiment)] == [
       'b1_full_s0', 'b2_ase_default_s0', 'lees_lam0.05_s0']
+
+
+def test_plan_few_step_and_extra_policy_cells():
+  """experiment.extra_policies: spec cells per seed after B2; experiment.few_step: per setting
+  and seed B1, B2, the main λ's gates and gates trained for the solver, last in the grid."""
+  c = cifar10.get_config('fewstep')
+  assert c.experiment.extra_policies == ('deepcache:2', 'deepcache:3:nonuniform')
+  grid = experiment.plan_cells(c.experiment)
+  assert [x.id for x in grid[:5]] == ['b1_full_s0', 'b2_ase_default_s0', 'x_deepcache_2_s0',
+                                      'x_deepcache_3_nonuniform_s0', 'lees_lam0.05_s0']
+  extra = grid[2:4]
+  assert [(x.kind, x.group, x.label, x.spec, x.sampler) for x in extra] == [
+      ('spec', 'baseline', 'deepcache:2', 'deepcache:2', ''),
+      ('spec', 'baseline', 'deepcache:3:nonuniform', 'deepcache:3:nonuniform', '')]
+  few = grid[5:]
+  assert len(few) == 4 * 4 and {x.group for x in few} == {'few_step'}
+  assert [x.id for x in few[:4]] == ['fs_ddim10_full_s0', 'fs_ddim10_ase_default_s0',
+                                     'fs_ddim10_lees_main_s0', 'fs_ddim10_lees_solver_s0']
+  assert [x.id for x in few[12:13]] == ['fs_dpm_solverpp20_full_s0']
+  assert [(x.kind, x.sampler, x.steps) for x in few[12:]] == [
+      ('full', 'dpm_solver++', 20), ('ase', 'dpm_solver++', 20), ('lees', 'dpm_solver++', 20),
+      ('lees', 'dpm_solver++', 20)]
+  main, trained = few[2], few[3]
+  assert (main.label, main.gates_from, main.gate_timesteps, main.lam) == (
+      'LEES λ=0.05 main gates @ DDIM-10', 'lees_lam0.05_s0', 'uniform', 0.05)
+  assert (trained.label, trained.gates_from, trained.gate_timesteps, trained.form) == (
+      'LEES λ=0.05 solver-trained @ DDIM-10', '', 'sampler', 'hard')
+  assert experiment.cells.label_order(c.experiment)[-4:] == [
+      'B1 full @ DPM-Solver++-20', 'B2 ASE-default @ DPM-Solver++-20',
+      'LEES λ=0.05 main gates @ DPM-Solver++-20', 'LEES λ=0.05 solver-trained @ DPM-Solver++-20']
+  # Gate training of a few-step cell: its solver, and t drawn from its timesteps.
+  cfg = cell_runner._cell_config(c, trained, '/backbone')
+  assert (cfg.sampler.name, cfg.sampler.steps, cfg.gates.timesteps) == ('ddim', 10, 'sampler')
+  assert (c.sampler.name, c.sampler.steps, c.gates.timesteps) == ('ddpm', 50, 'uniform')
+  # Several seeds: few-step cells come after every seed's main cells (they read their gates).
+  c.experiment.seeds = (0, 1)
+  ids = [x.id for x in experiment.plan_cells(c.experiment)]
+  assert ids.index('lees_lam0.05_s1') < ids.index('fs_ddim10_lees_main_s0')
+  for bad in ((('ddim', 0),), (('heun', 10),), (('ddim', 10), ('ddim', 10))):
+    c.experiment.few_step = bad
+    with pytest.raises(ValueError, match='few_step'):
+      experiment.plan_cells(c.experiment)
+  c.experiment.few_step = ()
+  c.experiment.extra_policies = ('deepcache:2', 'deepcache:2')
+  with pytest.raises(ValueError, match='extra_policies'):
+    experiment.plan_cells(c.experiment)
+  assert cifar10.get_config('paper').experiment.few_step == ()  # the paper's grid is unchanged
 
 
 # --- the whole grid -------------------------------------------------------------------------

@@ -231,3 +231,121 @@ def test_run_table_names_the_sampler_and_its_literature_fid(built):
   assert report.literature_fid('ddpm', 'fixed_large', 50).startswith('32.72')
   assert report.literature_fid('ddpm', 'fixed_small', 50).startswith('8.01')
   assert report.literature_fid('ddim', 0.0, 50).startswith('4.67')
+
+
+# --- few-step solvers and extra policies (experiment.few_step, experiment.extra_policies) ----
+
+FEW_STEP = (('ddim', 10), ('dpm_solver++', 20))
+EXTRA = ('deepcache:2', 'deepcache:3:nonuniform')
+
+
+def _few_step_config():
+  c = _config()
+  c.experiment.update(few_step=FEW_STEP, extra_policies=EXTRA)
+  return c
+
+
+def _record(cell, seed, k):
+  """A finished cell's record with numbers that differ per cell and seed (k: the cell's index)."""
+  lat = 100.0 + 7.5 * k + 1.25 * seed
+  return dict(cell=f'{cell.id}', label=cell.label, group=cell.group, kind=cell.kind, lam=cell.lam,
+              form=cell.form, seed=seed, fid=4.0 + 0.37 * k + 0.11 * seed, latency_ms_per_100=lat,
+              images_per_s=1e5 / lat, block_ratio=0.5 + 0.01 * k + 0.002 * seed,
+              flop_fraction=0.4 + 0.013 * k + 0.003 * seed, unit_names=UNITS, num_timesteps=1000,
+              timesteps=TIMESTEPS, masks=np.ones((len(TIMESTEPS), len(UNITS)), int).tolist(),
+              sampler=cell.sampler or 'ddpm', steps=cell.steps or len(TIMESTEPS),
+              spec=cell.spec or None, gate_timesteps=cell.gate_timesteps,
+              num_samples=100, reference='cifar10/train', reference_count=500, device='cpu',
+              num_devices=1, dtype='float32', latency_batch=100, fid_method='sqrtm')
+
+
+@pytest.fixture(scope='module')
+def few_step_study(tmp_path_factory):
+  w = str(tmp_path_factory.mktemp('fewstep'))
+  _fabricate(w)
+  c = _few_step_config()
+  new = [x for x in cells.plan_cells(c.experiment) if x.kind == 'spec' or x.group == 'few_step']
+  records = {}
+  for k, cell in enumerate(new):
+    rec = _record(cell, cell.seed, k % (len(new) // len(SEEDS)))
+    records.setdefault(cell.label, []).append(rec)
+    _write(os.path.join(cells.cell_dir(w, cell.id), cells.RESULT_FILE), rec)
+  summary = cells.summarize(w, c)
+  drawn = {}
+  real_plot = report.results_pareto_plot
+
+  def recording_plot(per_label, points, **kw):  # what the Pareto plot was given
+    drawn.update(per_label=per_label, points=points, **kw)
+    return real_plot(per_label, points, **kw)
+
+  mp = pytest.MonkeyPatch()
+  mp.setattr(report, 'results_pareto_plot', recording_plot)
+  try:
+    path = report.write_report(w)
+  finally:
+    mp.undo()
+  with open(path) as f:
+    return w, summary, f.read(), records, drawn
+
+
+def test_plan_labels_of_the_new_rows():
+  ex = _few_step_config().experiment
+  assert cells.solver_label('dpm_solver++', 20) == 'DPM-Solver++-20'
+  assert list(cells.few_step_labels(ex, 'ddim', 10).values()) == [
+      'B1 full @ DDIM-10', 'B2 ASE-default @ DDIM-10', 'LEES λ=0.05 main gates @ DDIM-10',
+      'LEES λ=0.05 solver-trained @ DDIM-10']
+  assert cells.label_order(ex)[2:4] == list(EXTRA)
+
+
+def test_few_step_tables_are_the_files_numbers(few_step_study):
+  _, summary, md, records, _ = few_step_study
+  for name, steps in FEW_STEP:
+    setting = cells.solver_label(name, steps)
+    rows = _table(md, f'### {setting}\n')
+    labels = list(cells.few_step_labels(_few_step_config().experiment, name, steps).values())
+    assert list(rows) == labels
+    full_lat = np.mean([r['latency_ms_per_100'] for r in records[labels[0]]])
+    for label in labels:
+      (n, fid, lat, flops, blocks, speed), = rows[label]
+      recs = records[label]
+      assert all((r['sampler'], r['steps']) == (name, steps) for r in recs)
+      assert n == '3'
+      assert fid == _ms([r['fid'] for r in recs], 3)
+      assert lat == _ms([r['latency_ms_per_100'] for r in recs], 1)
+      assert flops == _ms([r['flop_fraction'] for r in recs], 1, 100, True)
+      assert blocks == _ms([r['block_ratio'] for r in recs], 1, 100, True)
+      assert speed == f'{(1 - np.mean([r["latency_ms_per_100"] for r in recs]) / full_lat) * 100:.0f} %'
+      assert (summary['per_label'][label]['sampler'], summary['per_label'][label]['steps']) == (name, steps)
+  # The configured sampler stays the run's; the few-step rows are not paired with the main cell.
+  assert summary['run']['sampler'] == 'ddpm'
+  assert set(_table(md, '### Paired t-tests')) == {'B1 full', 'B2 ASE-default', 'A2 λ=0', *EXTRA}
+  # ... nor rows of the λ table (their gates are the main cell's or trained at the main λ).
+  lam = _table(md, '## Learned gates')
+  assert [r[0] for r in lam['mean']] == ['0', '0.05']
+
+
+def test_extra_policies_are_main_table_rows(few_step_study):
+  _, _, md, records, _ = few_step_study
+  rows = _table(md, '## Main results')
+  assert set(rows) == {'B1 full', 'B2 ASE-default', 'LEES λ=0.05', *EXTRA}
+  full_lat = np.mean(POLICIES['B1 full'][5])
+  for spec in EXTRA:
+    (n, fid, _, lat, _, _, blocks, _, flops, speed, _), = rows[spec]
+    recs = records[spec]
+    assert n == '3' and fid == _ms([r['fid'] for r in recs], 3)
+    assert lat == _ms([r['latency_ms_per_100'] for r in recs], 1)
+    assert blocks == _ms([r['block_ratio'] for r in recs], 1, 100, True)
+    assert flops == _ms([r['flop_fraction'] for r in recs], 1, 100, True)
+    assert speed == f'{(1 - np.mean([r["latency_ms_per_100"] for r in recs]) / full_lat) * 100:.0f} %'
+
+
+def test_pareto_plot_has_every_method(few_step_study):
+  w, _, _, records, drawn = few_step_study
+  assert os.path.isfile(os.path.join(w, 'report', 'pareto.png'))
+  every = set(POLICIES) | set(records)
+  assert set(drawn['per_label']) == every
+  for label, recs in records.items():  # each seed's point is the file's (latency, FID)
+    assert drawn['points'][label] == [(r['latency_ms_per_100'], r['fid']) for r in recs]
+  few = {l for l, recs in records.items() if recs[0]['group'] == 'few_step'}
+  assert drawn['settings'] == {l: cells.solver_label(records[l][0]['sampler'], records[l][0]['steps'])
+                               for l in few}

@@ -12,6 +12,10 @@ The gates read the normalised time of each example's draw (`processes.NoisedBatc
 (t + 1) / T for the DDPM process, the continuous t for the VP SDE), the time the samplers' masks
 read at each step, and the network its own time (DDPM: t; VP SDE: 999 t).
 
+Which t the loss sees (``config.gates.timesteps``): 'uniform' (the paper's: every t of the
+process) or 'sampler' (only the timesteps the configured solver visits, e.g. DDIM-10's
+0, 100, ..., 900: gates trained for the solver that runs them; `training_times`).
+
 Hard gates run unit k when g_k(t) > 0.5 with a straight-through gradient
 (`gates.StraightThrough`); soft gates blend (`gates.SoftGates`). The run ends by writing
 ``<workdir>/gates.json``: the parameters, the hard masks on the configured sampler's own
@@ -40,9 +44,22 @@ GATES_FILE = policies.GATES_FILE
 
 
 REGULARIZERS = ('mean', 'flops')
+TIMESTEP_DRAWS = ('uniform', 'sampler')
 
 
-def gate_loss_fn(model, process, lam: float, hard: bool, regularizer: str = 'mean'):
+def training_times(config, process) -> np.ndarray | None:
+  """The times the LEES loss draws t from: None for ``config.gates.timesteps='uniform'`` (or
+  absent; the process's own draw over all t), else the configured solver's timesteps in the
+  process's time (`processes.*.sampler_times`: integers for DDPM, continuous t for the VP SDE)."""
+  how = config.gates.get('timesteps', 'uniform')
+  if how not in TIMESTEP_DRAWS:
+    raise ValueError(f'config.gates.timesteps must be one of {TIMESTEP_DRAWS}, got {how!r}')
+  if how == 'uniform':
+    return None
+  return process.sampler_times(sampler_timesteps(config))
+
+
+def gate_loss_fn(model, process, lam: float, hard: bool, regularizer: str = 'mean', times=None):
   """LEES loss: eps-MSE with gated units + lam * the compute term, averaged over the batch, on
   the draws of ``process`` (`lees_jax.processes`).
 
@@ -51,6 +68,7 @@ def gate_loss_fn(model, process, lam: float, hard: bool, regularizer: str = 'mea
                its block ratio by dropping cheap low-resolution units;
     'flops' -- sum_k c_k g_k(t) / sum_k c_k with c_k the FLOPs skipping unit k saves
                (`cost.ModelCost.savings`): the term is the expected share of skippable FLOPs run.
+  ``times``: t is drawn from these only (`training_times`); None: the process's own draw.
   """
   if regularizer not in REGULARIZERS:
     raise ValueError(f'config.gates.regularizer must be one of {REGULARIZERS}, got {regularizer!r}')
@@ -59,7 +77,7 @@ def gate_loss_fn(model, process, lam: float, hard: bool, regularizer: str = 'mea
 
   def loss_fn(gate_params, backbone, batch, rng):
     x0 = batch['image']
-    noised = process.draw(rng, x0)
+    noised = process.draw(rng, x0) if times is None else process.draw(rng, x0, times)
     logits = policies.gate_logits(gate_params, noised.gate_time)  # (B, K)
     form = gating.StraightThrough(logits) if hard else gating.SoftGates(logits)
     eps, _ = models.predict_eps(model, backbone, noised.x_t, noised.network_time,
@@ -102,6 +120,7 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
   K = len(unit_names)
   T = process.gate_timesteps
   timesteps = sampler_timesteps(config)
+  times = training_times(config, process)
   model_cost = cost.model_cost(model)
   optimizer = optax.adam(gc.learning_rate, b1=gc.b1, b2=gc.b2)
 
@@ -140,7 +159,7 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
         'alpha': [float(a) for a in np.asarray(params['alpha'])],
         'beta': [float(b) for b in np.asarray(params['beta'])],
         'units': unit_names, 'lam': float(gc.lam), 'form': gc.form, 'init': gc.init,
-        'regularizer': gc.regularizer,
+        'regularizer': gc.regularizer, 'timesteps': gc.get('timesteps', 'uniform'),
         'step': int(state['step']), 'seed': int(config.seed),
         'executed_block_ratio': ratio, 'flop_fraction': flops,
         'sampler': {'name': config.sampler.name, 'steps': len(timesteps),
@@ -158,10 +177,14 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
   return Objective(
       name='train_gates', section=gc, num_train_steps=num_steps(gc, config.data),
       init_trainable=lambda rng: policies.init_gate_params(K, gc.init), frozen=backbone,
-      loss_fn=gate_loss_fn(model, process, float(gc.lam), gc.form == 'hard', gc.regularizer),
+      loss_fn=gate_loss_fn(model, process, float(gc.lam), gc.form == 'hard', gc.regularizer,
+                           times),
       optimizer=optimizer, ema_decay=None, random_flip=False,  # paper: no augmentation
       host_scalars=host_scalars, images=images, image_every=int(gc.get('heatmap_every', 0)),
       finish=finish,
       describe=f'LEES gate training: {K} units, lam={gc.lam} ({gc.regularizer} compute term), '
-               f'{gc.form} gates, {gc.init} start, {process.describe()}, backbone {backbone_dir}')
+               f'{gc.form} gates, {gc.init} start, {process.describe()}'
+               + ('' if times is None else f', t drawn from the {len(times)} timesteps of '
+                                           f'{config.sampler.name}-{len(timesteps)}')
+               + f', backbone {backbone_dir}')
 
