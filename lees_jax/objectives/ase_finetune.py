@@ -23,8 +23,9 @@ from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
 from lees_jax import processes
-from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, batch_labels, merge,
-                                      num_steps, partition, sampler_timesteps)
+from lees_jax.objectives.base import (CHECKPOINT_DIR, Objective, Pytree, backbone_params,
+                                      batch_labels, merge, num_steps, partition,
+                                      sampler_timesteps)
 
 ASE_SCHEDULE_FILE = 'ase_schedule.json'
 ASE_REWEIGHTS = ('none', 'paper')
@@ -109,11 +110,7 @@ def ase_objective(config, backbone: Pytree | None = None) -> Objective:
   unit_names = [u.name for u in units]
   K = len(units)
   policy = ase.resolve_schedule(ac.schedule, units, config)  # before the backbone is read
-  if backbone is None:
-    params, backbone_dir = checkpoints.read_backbone(config.backbone, config.model,
-                                                     config.diffusion)
-  else:
-    params, backbone_dir = backbone, '<given parameters>'
+  params, backbone_dir = backbone_params(config, backbone)
   params = jax.tree_util.tree_map(np.asarray, flax.core.unfreeze(params))
   freeze = bool(ac.freeze_time_embedding)
   # The backbone names its timestep-MLP subtrees (UNet: temb_dense_*; DiT: t_embed_in/out).

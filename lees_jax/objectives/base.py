@@ -101,6 +101,16 @@ def num_steps(section, data_config) -> int:
   return max(1, int(math.floor(epochs * n / section.batch_size)))
 
 
+def backbone_params(config, backbone: Pytree | None = None) -> tuple[Pytree, str]:
+  """(parameters, where they came from) of the backbone an objective starts from: ``backbone``
+  when the caller holds it already (the experiment), else read from ``config.backbone`` and
+  checked against ``config.model`` and ``config.diffusion`` (`checkpoints.read_backbone`)."""
+  if backbone is not None:
+    return backbone, '<given parameters>'
+  from lees_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  return checkpoints.read_backbone(config.backbone, config.model, config.diffusion)
+
+
 def sampler_timesteps(config) -> list[int] | list[float]:
   """Original timesteps of the configured sampler, ascending: the solver's own grid (50-step
   respaced DDPM in the paper, ``ddim<steps>`` spacing for DDIM; a continuous-time sampler's

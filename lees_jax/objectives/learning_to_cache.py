@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lees_jax import checkpoints, cost, diffusion, files, learned_reuse, models, processes
+from lees_jax import cost, diffusion, files, learned_reuse, models, processes
 from lees_jax import gates as gating
-from lees_jax.objectives.base import Objective, Pytree, batch_labels, num_steps, sampler_timesteps
+from lees_jax.objectives.base import (Objective, Pytree, backbone_params, batch_labels, num_steps,
+                                      sampler_timesteps)
 
 FORMS = ('soft', 'hard')
 
@@ -104,11 +105,7 @@ def l2c_objective(config, backbone: Pytree | None = None) -> Objective:
   model = models.build_model(config.model)
   process = processes.for_model(config.diffusion, model)
   schedule = ddpm_schedule(process, 'Learning-to-Cache')
-  if backbone is None:
-    backbone, backbone_dir = checkpoints.read_backbone(config.backbone, config.model,
-                                                       config.diffusion)
-  else:
-    backbone_dir = '<given parameters>'
+  backbone, backbone_dir = backbone_params(config, backbone)
   timesteps = [int(t) for t in sorted(sampler_timesteps(config), reverse=True)]  # sampling order
   unit_names = [u.name for u in model.units]
   K, S = len(unit_names), len(timesteps)

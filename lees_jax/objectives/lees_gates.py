@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lees_jax import checkpoints
 from lees_jax import cost
 from lees_jax import diffusion
 from lees_jax import files
@@ -37,7 +36,7 @@ from lees_jax import gates as gating
 from lees_jax import models
 from lees_jax import policies
 from lees_jax import processes
-from lees_jax.objectives.base import (Objective, Pytree, batch_labels, num_steps,
+from lees_jax.objectives.base import (Objective, Pytree, backbone_params, batch_labels, num_steps,
                                       sampler_timesteps)
 
 GATES_FILE = policies.GATES_FILE
@@ -111,11 +110,7 @@ def gates_objective(config, backbone: Pytree | None = None) -> Objective:
                      f'{gc.regularizer!r}')
   model = models.build_model(config.model)
   process = processes.for_model(config.diffusion, model)
-  if backbone is None:
-    backbone, backbone_dir = checkpoints.read_backbone(config.backbone, config.model,
-                                                       config.diffusion)
-  else:
-    backbone_dir = '<given parameters>'
+  backbone, backbone_dir = backbone_params(config, backbone)
   unit_names = [u.name for u in model.units]
   K = len(unit_names)
   T = process.gate_timesteps

@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lees_jax import checkpoints, cost, diffusion, files, learned_reuse, models, policies
+from lees_jax import cost, diffusion, files, learned_reuse, models, policies
 from lees_jax import gates as gating
 from lees_jax import processes
-from lees_jax.objectives.base import Objective, Pytree, batch_labels, num_steps, sampler_timesteps
+from lees_jax.objectives.base import (Objective, Pytree, backbone_params, batch_labels, num_steps,
+                                      sampler_timesteps)
 from lees_jax.objectives.learning_to_cache import ddpm_schedule
 from lees_jax.objectives.lees_gates import REGULARIZERS
 
@@ -93,11 +94,7 @@ def lees3_objective(config, backbone: Pytree | None = None) -> Objective:
   model = models.build_model(config.model)
   process = processes.for_model(config.diffusion, model)
   schedule = ddpm_schedule(process, 'three-choice LEES')
-  if backbone is None:
-    backbone, backbone_dir = checkpoints.read_backbone(config.backbone, config.model,
-                                                       config.diffusion)
-  else:
-    backbone_dir = '<given parameters>'
+  backbone, backbone_dir = backbone_params(config, backbone)
   unit_names = [u.name for u in model.units]
   K, T = len(unit_names), process.gate_timesteps
   timesteps = [int(t) for t in sorted(sampler_timesteps(config), reverse=True)]
