@@ -80,10 +80,8 @@ class L2CPolicy(reuse.ReusingPolicy):
 
   def step_actions(self, timesteps, num_timesteps, num_units):
     del num_timesteps
-    steps, k = self.beta.shape
-    if len(timesteps) != steps or k != num_units:
-      raise ValueError(f'L2C routers {self.name!r} are for {steps} sampler steps x {k} units; this '
-                       f'sampler has {len(timesteps)} steps and the model {num_units} units')
+    reuse.check_steps_by_units(f'L2C routers {self.name!r} are', self.beta.shape, timesteps,
+                               num_units)
     if self.timesteps and tuple(int(t) for t in timesteps) != self.timesteps:
       raise ValueError(f'L2C routers {self.name!r} were trained for the sampler timesteps '
                        f'{list(self.timesteps)}, not {[int(t) for t in timesteps]}: a router is '

@@ -96,6 +96,15 @@ def residual_units(actions: np.ndarray) -> tuple[int, ...]:
   return tuple(int(k) for k in np.flatnonzero((np.asarray(actions) == REUSE_RESIDUAL).any(axis=0)))
 
 
+def check_steps_by_units(what: str, shape, timesteps, num_units: int):
+  """Refuses a per-(step, unit) table (actions, routers) that is not (this sampler's steps, the
+  model's units); ``what`` starts the message ("policy 'x' has actions")."""
+  steps, k = shape
+  if len(timesteps) != steps or k != num_units:
+    raise ValueError(f'{what} for {steps} steps x {k} units; this sampler has '
+                     f'{len(timesteps)} steps and the model {num_units} units')
+
+
 class ReusingPolicy(policies.Policy):
   """A policy given by per-step actions (`step_actions`); masks are its 'run' actions."""
   reuses = True
@@ -117,10 +126,8 @@ class StepActionPolicy(ReusingPolicy):
 
   def step_actions(self, timesteps, num_timesteps, num_units):
     del num_timesteps
-    steps, k = self.actions.shape
-    if len(timesteps) != steps or k != num_units:
-      raise ValueError(f'policy {self.name!r} has actions for {steps} steps x {k} units; this '
-                       f'sampler has {len(timesteps)} steps and the model {num_units} units')
+    check_steps_by_units(f'policy {self.name!r} has actions', self.actions.shape, timesteps,
+                         num_units)
     return self.actions.copy()
 
   def to_dict(self):

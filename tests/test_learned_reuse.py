@@ -3,7 +3,6 @@ UNet and the tiny DiT with random weights: residual reuse returns skip + the las
 Learning-to-Cache's router training and its straight-through gradient, three-choice LEES
 reducing to LEES bitwise, spec strings and FLOP accounting."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import pytest
 from lees_jax import cost, diffusion, evaluate, files, gates, learned_reuse, models, policies
 from lees_jax import reuse, samplers
 from lees_jax.gates import REUSE, REUSE_RESIDUAL, RUN, SKIP
-from lees_jax.models import backbone
+from reuse_reference import reference_sample
 
 SCHED = diffusion.make_schedule(1000)
 
@@ -42,52 +41,6 @@ def test_residual_reuse_returns_the_skip_plus_the_last_residual_two_steps():
     reuse.check_actions(np.array([[SKIP], [REUSE_RESIDUAL]]))
   assert reuse.cached_units([[RUN, RUN], [REUSE_RESIDUAL, REUSE]]) == (0, 1)
   assert reuse.residual_units([[RUN, RUN], [REUSE_RESIDUAL, REUSE]]) == (0,)
-
-
-@dataclasses.dataclass(eq=False)
-class ResidualReference:
-  """The test's own reading: a residual-reused unit returns skip + (call - skip) of the step at
-  which it last ran (``last``, updated by every unit that runs)."""
-  actions: tuple
-  last: dict
-
-  def check(self, num_units):
-    assert len(self.actions) == num_units
-
-  def run(self, k, unit, call, skip, *args):
-    a = self.actions[k]
-    if a == REUSE_RESIDUAL:
-      return skip(unit, *args) + self.last[k]
-    if a == SKIP:
-      return skip(unit, *args)
-    out = call(unit, *args)
-    self.last[k] = out - skip(unit, *args)
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  value: tuple
-
-
-jax.tree_util.register_static(_Static)
-
-
-def reference_sample(model, params, solver, actions, rng, batch, y=None):
-  @jax.jit
-  def model_call(x, t, last, step_actions):
-    form = ResidualReference(step_actions.value, dict(last))
-    eps, v = backbone.predict_eps(model, params, x, t, y, gates=form)
-    return eps, v, form.last
-
-  init_key, step_rng = jax.random.split(rng)
-  state = solver.init_state(jax.random.normal(init_key, (batch,) + tuple(model.input.shape)))
-  last = {}
-  for i, t in enumerate(solver.timesteps):
-    eps, v, last = model_call(state[0], jnp.full((batch,), t, jnp.int32), last,
-                              _Static(tuple(int(a) for a in actions[i])))
-    state = solver.update(i, state, eps, jax.random.fold_in(step_rng, i), v)
-  return np.asarray(state[0])
 
 
 def test_residual_reuse_sample_matches_the_step_by_step_loop_and_costs_skips(tiny_model):

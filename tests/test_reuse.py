@@ -3,7 +3,6 @@ and a tiny ADM with random weights: samples against an independent step-by-step 
 gate form is written here, equality with masking policies when nothing is reused, refusals,
 spec strings and FLOP accounting."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,59 +12,9 @@ import pytest
 from configs import celebahq64_adm
 from lees_jax import cost, diffusion, evaluate, gates, models, policies, reuse, samplers
 from lees_jax.gates import REUSE, RUN, SKIP
-from lees_jax.models import backbone
+from reuse_reference import reference_sample
 
 SCHED = diffusion.make_schedule(1000)
-
-
-@dataclasses.dataclass(eq=False)
-class ReferenceForm:
-  """The test's own reading of the actions: a reused unit returns the output it had when it
-  last ran (``last``, updated here by every unit that runs)."""
-  actions: tuple
-  last: dict
-
-  def check(self, num_units):
-    assert len(self.actions) == num_units
-
-  def run(self, k, unit, call, skip, *args):
-    if self.actions[k] == REUSE:
-      return self.last[k]
-    out = call(unit, *args) if self.actions[k] == RUN else skip(unit, *args)
-    if self.actions[k] == RUN:
-      self.last[k] = out
-    return out
-
-
-def reference_sample(model, params, solver, actions, rng, batch):
-  """The sampler written out step by step in Python: no loop state, each step's model call
-  jitted on its own with the outputs of earlier steps passed in and out."""
-  @jax.jit
-  def model_call(x, t, last, step_actions):
-    form = ReferenceForm(tuple(int(a) for a in step_actions), dict(last))
-    eps, v = backbone.predict_eps(model, params, x, t, gates=form)
-    return eps, v, form.last
-
-  init_key, step_rng = jax.random.split(rng)
-  state = solver.init_state(jax.random.normal(init_key, (batch,) + tuple(model.input.shape)))
-  last = {}
-  for i, t in enumerate(solver.timesteps):
-    eps, v, last = model_call(state[0], jnp.full((batch,), t, jnp.int32), last,
-                              _Static(tuple(actions[i])))
-    state = solver.update(i, state, eps, jax.random.fold_in(step_rng, i), v)
-  return np.asarray(state[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """A hashable tuple that jit treats as a static argument (a pytree without leaves)."""
-  value: tuple
-
-  def __iter__(self):
-    return iter(self.value)
-
-
-jax.tree_util.register_static(_Static)
 
 
 @pytest.fixture(scope='module')
