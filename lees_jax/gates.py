@@ -101,13 +101,18 @@ class _Blend:
   def weights(self) -> jax.Array:
     raise NotImplementedError
 
+  @staticmethod
+  def unit_weight(weights: jax.Array, k: int, like: jax.Array) -> jax.Array:
+    """Unit k's weight from (K,) or (batch, K) weights, shaped to broadcast against ``like``."""
+    weight = jnp.asarray(weights[..., k], like.dtype)
+    if weight.ndim == 1:  # one weight per sample
+      weight = weight.reshape(weight.shape + (1,) * (like.ndim - 1))
+    return weight
+
   def run(self, k, unit, call, skip, *args):
     full = call(unit, *args)
     skipped = skip(unit, *args)
-    weight = jnp.asarray(self.weights()[..., k], full.dtype)
-    if weight.ndim == 1:  # one weight per sample
-      weight = weight.reshape(weight.shape + (1,) * (full.ndim - 1))
-    return skipped + weight * (full - skipped)
+    return skipped + self.unit_weight(self.weights(), k, full) * (full - skipped)
 
 
 @flax.struct.dataclass
@@ -217,7 +222,7 @@ class ReuseUnits:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class CacheBlend:
+class CacheBlend(_Blend):
   """Training form of learned residual reuse: unit k returns
       skip + w_run (call - skip) + (1 - w_run) w_reuse cached[k],
   with ``cached[k]`` the unit's residual call - skip from an earlier forward pass (the
@@ -233,16 +238,15 @@ class CacheBlend:
   def check(self, num_units: int):
     _check_length(self.run_weight.shape[-1], num_units, 'CacheBlend')
 
+  def weights(self):
+    return self.run_weight
+
   def run(self, k, unit, call, skip, *args):
-    full = call(unit, *args)
-    skipped = skip(unit, *args)
-    shape = lambda w: jnp.asarray(w[..., k], full.dtype).reshape(  # noqa: E731  (B,) -> (B, 1..)
-        w.shape[:-1] + (1,) * (full.ndim - w.ndim + 1))
-    w_run = shape(self.run_weight)
-    out = skipped + w_run * (full - skipped)
+    out = super().run(k, unit, call, skip, *args)  # skip + w_run (call - skip)
     if self.reuse_weight is None:
       return out
-    return out + (1 - w_run) * shape(self.reuse_weight) * self.cached[k]
+    w_run = self.unit_weight(self.run_weight, k, out)
+    return out + (1 - w_run) * self.unit_weight(self.reuse_weight, k, out) * self.cached[k]
 
 
 def straight_through(logits: jax.Array) -> jax.Array:
