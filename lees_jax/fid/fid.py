@@ -213,8 +213,11 @@ class _Moments:
     self.s += c.sum(axis=0)
     self.ss += c.T @ c
     self.n += f.shape[0]
-    if self.rows is not None:
-      self.rows = self.rows + [f] if self.n <= f.shape[1] else None
+    if self.rows is not None:  # kept while n <= D (`Statistics.factor`), dropped after
+      if self.n <= f.shape[1]:
+        self.rows.append(f)
+      else:
+        self.rows = None
 
   def result(self) -> Statistics:
     if self.n < 2:
